@@ -1,0 +1,159 @@
+"""Hyperparameter values: validation and per-parameter resolution.
+
+A hyperparameter given to a differentiable optimizer takes one of four forms:
+
+* a Python number, shared by every parameter;
+* a 0-d tensor, shared by every parameter (may require grad);
+* a tensor shaped like a parameter, used element-wise for every parameter of that shape
+  (per-element, as in Meta-SGD; mostly useful when there is one parameter);
+* a mapping from parameter name to any of the above (per layer, or per element when the
+  values are shaped like their parameters).
+
+Resolution happens once per step and never copies or detaches a value, so gradients flow back
+to whatever produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["Hyper", "Params", "check_params", "resolve", "validate", "is_zero"]
+
+Params = dict[str, Tensor]
+Hyper = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+
+
+def _is_concrete(t: Tensor) -> bool:
+    """Whether `t` holds ordinary values that may be inspected (not a torch.func wrapper)."""
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return not (is_wrapped is not None and is_wrapped(t))
+
+
+def _check_range(value: float | Tensor, arg: str, where: str, low: float, high: float | None,
+                 high_open: bool) -> None:
+    if isinstance(value, Tensor):
+        if not _is_concrete(value) or value.numel() == 0:
+            return
+        # Comparisons build no graph: the check never affects a hypergradient.
+        bad = bool((value < low).any()) or bool(torch.isnan(value).any())
+        if high is not None:
+            bad = bad or bool(((value >= high) if high_open else (value > high)).any())
+        shown = value.detach().cpu() if value.numel() <= 4 else f"tensor of shape {tuple(value.shape)}"
+    else:
+        bad = not (value >= low) or (
+            high is not None and (value >= high if high_open else value > high)
+        )
+        shown = value
+    if bad:
+        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        if high is None:
+            interval = f">= {low}"
+        raise ValueError(f"Invalid {arg}{where}: {shown} (must be in {interval})")
+
+
+def validate(
+    value: Hyper,
+    arg: str,
+    low: float = 0.0,
+    high: float | None = None,
+    high_open: bool = False,
+) -> Hyper:
+    """Check the form and range of a hyperparameter at construction time.
+
+    Args:
+        value: the hyperparameter in any accepted form.
+        arg: its name, used in error messages.
+        low: smallest allowed value (inclusive).
+        high: largest allowed value, or None for no upper bound.
+        high_open: whether `high` itself is excluded.
+
+    Returns:
+        The value unchanged (mappings are copied into a plain dict).
+
+    Raises:
+        ValueError: a value is out of range, or the value has an unsupported type.
+    """
+    if isinstance(value, Mapping):
+        for name, v in value.items():
+            if not isinstance(v, (int, float, Tensor)) or isinstance(v, bool):
+                raise ValueError(
+                    f"Invalid {arg} for parameter '{name}': expected a number or a tensor, "
+                    f"got {type(v).__name__}"
+                )
+            _check_range(v, arg, f" for parameter '{name}'", low, high, high_open)
+        return dict(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise ValueError(
+            f"Invalid {arg}: expected a number, a tensor or a mapping from parameter name to "
+            f"either, got {type(value).__name__}"
+        )
+    _check_range(value, arg, "", low, high, high_open)
+    return value
+
+
+def resolve(value: Hyper, arg: str, name: str, param: Tensor) -> float | Tensor:
+    """The value of hyperparameter `arg` for parameter `name`, checked against its shape.
+
+    Raises:
+        ValueError: a mapping misses `name`, or a tensor value is neither 0-d nor shaped like
+            the parameter.
+    """
+    if isinstance(value, Mapping):
+        try:
+            value = value[name]
+        except KeyError:
+            raise ValueError(
+                f"{arg} is given per parameter but has no value for parameter '{name}' "
+                f"(it has: {sorted(value)})"
+            ) from None
+    if isinstance(value, Tensor) and value.dim() != 0 and value.shape != param.shape:
+        raise ValueError(
+            f"{arg} for parameter '{name}' has shape {tuple(value.shape)}, but the parameter has "
+            f"shape {tuple(param.shape)}: a per-element hyperparameter must match its parameter"
+        )
+    return value
+
+
+def is_zero(value: Hyper) -> bool:
+    """True only for a plain number equal to zero, whose term can be skipped exactly.
+
+    A tensor is never treated as zero: even when its value is 0 its gradient is not.
+    """
+    return not isinstance(value, (Tensor, Mapping)) and value == 0
+
+
+def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> None:
+    """Check that grads match params and that per-parameter hyperparameters cover them.
+
+    Raises:
+        ValueError: keys differ, a gradient's shape differs from its parameter, or a
+            per-parameter hyperparameter names parameters that do not exist.
+    """
+    if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
+        raise ValueError(
+            "params and grads must be mappings from parameter name to tensor, "
+            f"got {type(params).__name__} and {type(grads).__name__}"
+        )
+    if params.keys() != grads.keys():
+        missing = sorted(set(params) - set(grads))
+        extra = sorted(set(grads) - set(params))
+        raise ValueError(
+            f"grads must have the same keys as params: missing grads for {missing}, "
+            f"grads for unknown parameters {extra}"
+        )
+    for name, p in params.items():
+        g = grads[name]
+        if g.shape != p.shape:
+            raise ValueError(
+                f"grad for parameter '{name}' has shape {tuple(g.shape)}, "
+                f"expected {tuple(p.shape)}"
+            )
+    for arg, value in hypers.items():
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(params))
+            if unknown:
+                raise ValueError(f"{arg} names parameters that are not in params: {unknown}")
