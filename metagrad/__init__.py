@@ -2,6 +2,15 @@
 
 from . import optim
 from .functional import Functional, differentiable_step, inner_grads
+from .meta_params import MetaParameters
+from .problem import InnerProblem
 
-__all__ = ["optim", "Functional", "differentiable_step", "inner_grads"]
+__all__ = [
+    "optim",
+    "Functional",
+    "differentiable_step",
+    "inner_grads",
+    "MetaParameters",
+    "InnerProblem",
+]
 __version__ = "0.1.0"

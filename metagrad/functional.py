@@ -56,7 +56,7 @@ def inner_grads(
         allow_unused=True,
         materialize_grads=True,
     )
-    return dict(zip(names, grads))
+    return dict(zip(names, grads, strict=True))
 
 
 def differentiable_step(

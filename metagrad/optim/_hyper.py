@@ -16,7 +16,6 @@ to whatever produced it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -24,7 +23,7 @@ from torch import Tensor
 __all__ = ["Hyper", "Params", "check_params", "resolve", "validate", "is_zero"]
 
 Params = dict[str, Tensor]
-Hyper = Union[float, Tensor, Mapping[str, Union[float, Tensor]]]
+Hyper = float | Tensor | Mapping[str, float | Tensor]
 
 
 def _is_concrete(t: Tensor) -> bool:
@@ -33,8 +32,9 @@ def _is_concrete(t: Tensor) -> bool:
     return not (is_wrapped is not None and is_wrapped(t))
 
 
-def _check_range(value: float | Tensor, arg: str, where: str, low: float, high: float | None,
-                 high_open: bool) -> None:
+def _check_range(
+    value: float | Tensor, arg: str, where: str, low: float, high: float | None, high_open: bool
+) -> None:
     if isinstance(value, Tensor):
         if not _is_concrete(value) or value.numel() == 0:
             return
@@ -42,7 +42,8 @@ def _check_range(value: float | Tensor, arg: str, where: str, low: float, high: 
         bad = bool((value < low).any()) or bool(torch.isnan(value).any())
         if high is not None:
             bad = bad or bool(((value >= high) if high_open else (value > high)).any())
-        shown = value.detach().cpu() if value.numel() <= 4 else f"tensor of shape {tuple(value.shape)}"
+        small = value.numel() <= 4
+        shown = value.detach().cpu() if small else f"tensor of shape {tuple(value.shape)}"
     else:
         bad = not (value >= low) or (
             high is not None and (value >= high if high_open else value > high)
@@ -149,8 +150,7 @@ def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> 
         g = grads[name]
         if g.shape != p.shape:
             raise ValueError(
-                f"grad for parameter '{name}' has shape {tuple(g.shape)}, "
-                f"expected {tuple(p.shape)}"
+                f"grad for parameter '{name}' has shape {tuple(g.shape)}, expected {tuple(p.shape)}"
             )
     for arg, value in hypers.items():
         if isinstance(value, Mapping):

@@ -1,0 +1,192 @@
+"""What every hypergradient method shares: the result type, the inner loop and its checks."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..functional import inner_grads
+from ..meta_params import MetaParameters
+from ..problem import InnerProblem
+
+__all__ = [
+    "HypergradMethod",
+    "HypergradResult",
+    "NonFiniteLossError",
+    "InnerRun",
+    "start",
+    "inner_steps",
+    "meta_gradients",
+    "finish",
+]
+
+Params = dict[str, Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The inner loss became NaN or infinite; the message says at which inner step."""
+
+
+@dataclass
+class HypergradResult:
+    """What a hypergradient method returns.
+
+    Attributes:
+        grads: meta-gradients keyed like `dict(meta.named_parameters())`.
+        outer_loss: the outer (validation) loss after the inner run, detached.
+        params: the final inner params, detached.
+        metrics: scalar metrics (`outer/loss`, `inner/loss`, `hypergrad/norm`, ...).
+    """
+
+    grads: dict[str, Tensor]
+    outer_loss: Tensor
+    params: Params
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def apply(self, meta: MetaParameters) -> None:
+        """Accumulate the meta-gradients into `.grad`, ready for `outer_optimizer.step()`."""
+        for name, p in meta.named_parameters():
+            g = self.grads[name].to(p.dtype)
+            p.grad = g.clone() if p.grad is None else p.grad + g
+
+    def is_finite(self) -> bool:
+        """Whether every meta-gradient is finite."""
+        return all(bool(torch.isfinite(g).all()) for g in self.grads.values())
+
+
+class HypergradMethod(Protocol):
+    """A hypergradient estimator: runs the inner problem, returns meta-gradients."""
+
+    def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult: ...
+
+
+@dataclass
+class InnerRun:
+    """The running inner loop: current params and optimizer state, last inner loss."""
+
+    params: Params
+    state: Any
+    last_loss: Tensor | None = None
+
+
+def _check_finite(loss: Tensor, step: int, steps: int) -> None:
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteLossError(
+            f"inner loss is {loss.detach().cpu().item()} at inner step {step} (of {steps}); "
+            "lower the learning rate or check the data"
+        )
+
+
+def as_leaves(params: Params) -> Params:
+    """Params that do not require grad become fresh leaves that do (inner gradients need it)."""
+    return {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
+
+
+def start(problem: InnerProblem, meta: MetaParameters, *, track: bool = True) -> InnerRun:
+    """Initial params and optimizer state (built by the step-0 optimizer).
+
+    Args:
+        track: keep the graph from the meta-parameters into the initial params and state;
+            False detaches them (for methods that see only part of the run).
+    """
+    params = problem.initial_params(meta)
+    if not track:
+        params = {n: p.detach() for n, p in params.items()}
+    params = as_leaves(params)
+    state = problem.optimizer(meta, 0).init(params)
+    if not track:
+        state = _detach_tree(state)
+    return InnerRun(params, state)
+
+
+def _detach_tree(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, tree)
+
+
+def inner_steps(
+    problem: InnerProblem,
+    meta: MetaParameters,
+    run: InnerRun,
+    steps: Iterable[int],
+    *,
+    create_graph: bool = True,
+    track: bool = True,
+) -> InnerRun:
+    """Run inner steps `steps` (indices into the horizon) from `run`.
+
+    Args:
+        create_graph: differentiate through the inner gradients (second-order terms).
+        track: keep the graph across steps; False detaches params and state after every step
+            (the untracked prefix of truncated methods), so memory stays flat.
+
+    Raises:
+        NonFiniteLossError: the inner loss is NaN or infinite; the message names the step.
+    """
+    params, state, loss = run.params, run.state, run.last_loss
+    for t in steps:
+        if not track:
+            params = as_leaves({n: p.detach() for n, p in params.items()})
+        optimizer = problem.optimizer(meta, t)
+        loss = problem.inner_loss(params, meta, problem.batch(t))
+        _check_finite(loss, t, problem.steps)
+        grads = inner_grads(loss, params, create_graph=create_graph and track)
+        params, state = optimizer.step(params, grads, state)
+        if not track:
+            state = _detach_tree(state)
+    if not track:
+        params = {n: p.detach() for n, p in params.items()}
+    return InnerRun(params, state, loss)
+
+
+def meta_gradients(
+    outer_loss: Tensor, meta: MetaParameters, *, retain_graph: bool = False
+) -> dict[str, Tensor]:
+    """Gradient of `outer_loss` for every meta-parameter; zero (with a warning) where unused."""
+    named = dict(meta.named_parameters())
+    grads = torch.autograd.grad(
+        outer_loss, list(named.values()), allow_unused=True, retain_graph=retain_graph
+    )
+    return zero_unused(dict(zip(named, grads, strict=True)), named)
+
+
+def zero_unused(grads: dict[str, Tensor | None], named: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Replace missing gradients by zeros and warn once, naming the meta-parameters."""
+    unused = [n for n, g in grads.items() if g is None]
+    if unused:
+        warnings.warn(
+            f"meta-parameters {unused} do not affect the outer loss; their gradient is zero",
+            stacklevel=3,
+        )
+    return {n: torch.zeros_like(named[n]) if g is None else g for n, g in grads.items()}
+
+
+def finish(
+    grads: dict[str, Tensor],
+    outer_loss: Tensor,
+    run: InnerRun,
+    started: float,
+    **metrics: float,
+) -> HypergradResult:
+    """Package meta-gradients and the run into a `HypergradResult` with standard metrics."""
+    norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
+    base = {
+        "outer/loss": float(outer_loss.detach()),
+        "hypergrad/norm": norm,
+        "hypergrad/seconds": time.perf_counter() - started,
+    }
+    if run.last_loss is not None:
+        base["inner/loss"] = float(run.last_loss.detach())
+    base.update(metrics)
+    return HypergradResult(
+        grads={n: g.detach() for n, g in grads.items()},
+        outer_loss=outer_loss.detach(),
+        params={n: p.detach() for n, p in run.params.items()},
+        metrics=base,
+    )
