@@ -42,18 +42,22 @@ def _check_range(
         bad = bool((value < low).any()) or bool(torch.isnan(value).any())
         if high is not None:
             bad = bad or bool(((value >= high) if high_open else (value > high)).any())
-        small = value.numel() <= 4
-        shown = value.detach().cpu() if small else f"tensor of shape {tuple(value.shape)}"
+        v = value.detach()
+        if v.numel() <= 4:
+            shown = v.cpu()
+        else:
+            shown = f"tensor of shape {tuple(v.shape)} with values from {v.min():g} to {v.max():g}"
     else:
         bad = not (value >= low) or (
             high is not None and (value >= high if high_open else value > high)
         )
         shown = value
     if bad:
-        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         if high is None:
-            interval = f">= {low}"
-        raise ValueError(f"Invalid {arg}{where}: {shown} (must be in {interval})")
+            allowed = f">= {low}"
+        else:
+            allowed = f"in [{low}, {high})" if high_open else f"in [{low}, {high}]"
+        raise ValueError(f"Invalid {arg}{where}: {shown} (must be {allowed})")
 
 
 def validate(
@@ -142,10 +146,12 @@ def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> 
     if params.keys() != grads.keys():
         missing = sorted(set(params) - set(grads))
         extra = sorted(set(grads) - set(params))
-        raise ValueError(
-            f"grads must have the same keys as params: missing grads for {missing}, "
-            f"grads for unknown parameters {extra}"
-        )
+        problems = []
+        if missing:
+            problems.append(f"no grads for parameters {missing}")
+        if extra:
+            problems.append(f"grads for parameters {extra} that are not in params")
+        raise ValueError(f"grads must have the same keys as params: {'; '.join(problems)}")
     for name, p in params.items():
         g = grads[name]
         if g.shape != p.shape:
@@ -156,4 +162,7 @@ def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> 
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - set(params))
             if unknown:
-                raise ValueError(f"{arg} names parameters that are not in params: {unknown}")
+                raise ValueError(
+                    f"{arg} names parameters that are not in params: {unknown} "
+                    f"(params has: {sorted(params)})"
+                )
