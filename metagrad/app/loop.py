@@ -1,0 +1,200 @@
+"""The outer training loop: steps, validation, logging, checkpoints and non-finite handling.
+
+The loop is a plain function over a `Job` (what one outer step does) and a logger, so it can be
+tested without Hydra. It is the only place that writes to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .logger import NullLogger
+
+__all__ = ["Job", "StepOutcome", "LoopResult", "NonFiniteError", "run_loop", "resume_state"]
+
+log = logging.getLogger("metagrad.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many outer steps in a row had a non-finite meta-gradient or loss."""
+
+
+@dataclass
+class StepOutcome:
+    """What one outer step reports.
+
+    Attributes:
+        metrics: scalars to log (`outer/loss`, `inner/loss`, `hypergrad/norm`, ...).
+        finite: False when the meta-gradient or loss was NaN/Inf and the update was skipped.
+        reason: why the step was skipped.
+    """
+
+    metrics: dict[str, float]
+    finite: bool = True
+    reason: str = ""
+
+
+class Job(Protocol):
+    """One kind of outer loop (hyperparameter gradients, online HD, few-shot meta-learning)."""
+
+    def step(self, index: int) -> StepOutcome:
+        """Run outer step `index` (0-based) and update the meta-parameters if finite."""
+        ...
+
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Validation metrics (and test metrics when `final`), tags as keys."""
+        ...
+
+    def meta_scalars(self) -> dict[str, float]:
+        """Current values of learnable hyperparameters, `meta/`-prefixed tags as keys."""
+        ...
+
+    def meta_tensors(self) -> dict[str, Tensor]:
+        """Per-element meta-parameters, for histograms."""
+        ...
+
+    def meta_schedules(self) -> dict[str, Tensor]:
+        """Learned per-step schedules, for charts."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (tensors and plain data only)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from `state_dict()`."""
+        ...
+
+
+@dataclass
+class LoopResult:
+    """The end of a run: final metrics, counts and timings."""
+
+    final: dict[str, float]
+    steps: int
+    nonfinite_total: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def resume_state(path: Path, job: Job) -> dict[str, Any]:
+    """Load a checkpoint into `job`; returns the loop's own counters (`step`, ...)."""
+    ckpt = load_checkpoint(path)
+    job.load_state_dict(ckpt["job"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["loop"]
+
+
+def run_loop(
+    job: Job,
+    *,
+    outer_steps: int,
+    logger: NullLogger | None = None,
+    val_every: int = 10,
+    checkpoint_every: int = 0,
+    checkpoint_path: Path | None = None,
+    max_nonfinite: int = 5,
+    progress: bool = False,
+    start: Mapping[str, Any] | None = None,
+) -> LoopResult:
+    """Run outer steps until `outer_steps`, logging each with the outer step count (1-based).
+
+    Args:
+        job: what one outer step does.
+        outer_steps: total number of outer steps of the run (a resumed run continues to it).
+        logger: where scalars, histograms and charts go.
+        val_every: validate every this many steps (and after the last one).
+        checkpoint_every: write a checkpoint every this many steps (0: never) and at the end.
+        checkpoint_path: where to write it.
+        max_nonfinite: stop with `NonFiniteError` after this many skipped steps in a row.
+        progress: show a progress bar with the current losses.
+        start: loop counters from `resume_state` (None: a fresh run).
+
+    Returns:
+        The final metrics (`job.evaluate(final=True)`) and counts.
+    """
+    logger = logger or NullLogger()
+    counters = dict(start or {"step": 0, "nonfinite_total": 0, "nonfinite_in_a_row": 0})
+    first = counters["step"]
+    if first >= outer_steps:
+        log.info("checkpoint is already at outer step %d of %d", first, outer_steps)
+    bar = tqdm(
+        range(first, outer_steps),
+        initial=first,
+        total=outer_steps,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc="outer",
+    )
+    if first == 0:
+        _log_meta(job, logger, 0, force_figure=True)
+    for index in bar:
+        step = index + 1
+        outcome = job.step(index)
+        metrics = dict(outcome.metrics)
+        if outcome.finite:
+            counters["nonfinite_in_a_row"] = 0
+        else:
+            counters["nonfinite_total"] += 1
+            counters["nonfinite_in_a_row"] += 1
+            log.warning("outer step %d skipped: %s", step, outcome.reason)
+        metrics["outer/skipped_total"] = counters["nonfinite_total"]
+        logger.scalars(metrics, step)
+        _log_meta(job, logger, step, force_figure=step == outer_steps)
+        if progress:
+            bar.set_postfix(
+                {k.split("/")[0]: f"{v:.4g}" for k, v in metrics.items() if k.endswith("/loss")}
+            )
+        if counters["nonfinite_in_a_row"] >= max_nonfinite:
+            logger.flush()
+            raise NonFiniteError(
+                f"stopped at outer step {step}: {counters['nonfinite_in_a_row']} outer steps in a "
+                f"row had a non-finite meta-gradient or loss (last: {outcome.reason}); lower the "
+                "learning rates (inner_optim.lr, outer_optim.lr) or raise max_nonfinite"
+            )
+        if step % val_every == 0 or step == outer_steps:
+            val = job.evaluate(final=False)
+            logger.scalars(val, step)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
+            log.info(
+                "outer step %d/%d: outer/loss %.4g, %s",
+                step,
+                outer_steps,
+                metrics.get("outer/loss", float("nan")),
+                shown,
+            )
+        counters["step"] = step
+        if (
+            checkpoint_path is not None
+            and checkpoint_every
+            and (step % checkpoint_every == 0 or step == outer_steps)
+        ):
+            payload = {"job": job.state_dict(), "loop": dict(counters)}
+            payload["torch_rng"] = torch.get_rng_state()
+            save_checkpoint(checkpoint_path, payload)
+            logger.flush()
+    bar.close()
+    final = job.evaluate(final=True)
+    logger.scalars({f"final/{k.replace('/', '_')}": v for k, v in final.items()}, outer_steps)
+    logger.flush()
+    return LoopResult(final=final, steps=outer_steps, nonfinite_total=counters["nonfinite_total"])
+
+
+def _log_meta(job: Job, logger: NullLogger, step: int, force_figure: bool) -> None:
+    logger.scalars(job.meta_scalars(), step)
+    tensors = job.meta_tensors()
+    if tensors:
+        logger.histograms(tensors, step)
+    schedules = job.meta_schedules()
+    if schedules:
+        logger.schedules(schedules, step, force=force_figure)

@@ -1,0 +1,171 @@
+"""`python -m metagrad.train`: compose a config with Hydra, build the run, train, report.
+
+With no arguments it meta-learns per-layer learning rates and momentum of an MLP on sklearn's
+digits with exact unrolled hypergradients. `train(cfg)` does the work and can be called
+without Hydra's command line (tests do); `main()` is the thin command-line entry point.
+
+    python -m metagrad.train                              # the default run
+    python -m metagrad.train experiment=lr_schedule_digits
+    python -m metagrad.train -m hypergrad=unrolled,checkpointed,forward
+    python -m metagrad.train hydra.run.dir=outputs/my_run resume=true
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .app.build import build_job, flat_hparams
+from .app.checkpoint import CHECKPOINT_NAME
+from .app.loop import LoopResult, resume_state, run_loop
+from .app.schema import ConfigError, register_configs, validate
+
+__all__ = ["train", "main", "config_dir"]
+
+log = logging.getLogger("metagrad.train")
+
+
+def config_dir() -> Path:
+    """The `configs/` folder: inside the installed package, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"metagrad's configs/ folder was not found next to {here}")
+
+
+def _hydra_context() -> tuple[Path | None, dict[str, str]]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, {}
+    hc = HydraConfig.get()
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    return Path(hc.runtime.output_dir), choices
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
+    """Validate `cfg`, build the run it describes, train it and write its results.
+
+    Args:
+        cfg: a config composed from `configs/train.yaml`.
+        run_dir: the run folder; None uses Hydra's output folder (or the current directory).
+
+    Returns:
+        The final metrics and counts. `<run_dir>/metrics.json` holds the same numbers.
+
+    Raises:
+        ConfigError: a value is out of range (the message names the key).
+        FileNotFoundError: `resume=true` without a checkpoint in the run folder.
+        FileExistsError: a checkpoint exists but `resume` is false.
+        NonFiniteError: too many non-finite meta-gradients in a row.
+    """
+    validate(cfg)
+    hydra_dir, choices = _hydra_context()
+    run = Path(run_dir) if run_dir is not None else (hydra_dir or Path.cwd())
+    run = run.resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+
+    job = build_job(cfg)
+    ckpt = run / CHECKPOINT_NAME
+    start = None
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise FileNotFoundError(
+                f"resume=true but {run} has no {CHECKPOINT_NAME}; point hydra.run.dir at the "
+                "folder of the run to continue"
+            )
+        start = resume_state(ckpt, job)
+        log.info("resuming %s from outer step %d", run, start["step"])
+    elif ckpt.is_file():
+        raise FileExistsError(
+            f"{run} already holds a checkpoint; pass resume=true to continue that run, or "
+            "choose another hydra.run.dir"
+        )
+
+    logger = _make_logger(cfg, run, start)
+    if start is None:
+        logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
+        if hasattr(job, "layout"):
+            logger.layout(job.layout())
+    progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    try:
+        result = run_loop(
+            job,
+            outer_steps=int(cfg.outer_steps),
+            logger=logger,
+            val_every=int(cfg.val_every),
+            checkpoint_every=int(cfg.checkpoint_every),
+            checkpoint_path=ckpt,
+            max_nonfinite=int(cfg.max_nonfinite),
+            progress=bool(progress),
+            start=start,
+        )
+        final_tags = {f"final/{k.replace('/', '_')}": v for k, v in result.final.items()}
+        logger.hparams(flat_hparams(cfg, choices), final_tags)
+    finally:
+        logger.close()
+
+    learned = {k.removeprefix("meta/"): v for k, v in job.meta_scalars().items()}
+    summary = {
+        "final": result.final,
+        "learned": learned,
+        "outer_steps": result.steps,
+        "skipped_steps": result.nonfinite_total,
+    }
+    (run / "metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info("final metrics: %s", json.dumps(result.final))
+    _report(result, learned, run)
+    return result
+
+
+def _make_logger(cfg: DictConfig, run: Path, start: dict | None):
+    from hydra.utils import instantiate
+
+    make = instantiate(OmegaConf.to_container(cfg.logger, resolve=True))
+    return make(run_dir=run, purge_step=None if start is None else start["step"] + 1)
+
+
+def _report(result: LoopResult, learned: dict[str, float], run: Path) -> None:
+    f = result.final
+    lines = [f"\nfinished {result.steps} outer steps ({result.nonfinite_total} skipped)"]
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in f.items())
+    lines.append(f"final metrics:  {shown}")
+    if learned:
+        lines.append("learned:        " + "  ".join(f"{k}={v:.4g}" for k, v in learned.items()))
+    lines.append(f"run folder:     {run}")
+    lines.append(f"dashboard:      tensorboard --logdir {run}")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    """Command-line entry point (Hydra parses the arguments)."""
+    import hydra
+
+    register_configs()
+
+    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+    def _main(cfg: DictConfig) -> float | None:
+        try:
+            result = train(cfg)
+        except ConfigError as e:
+            log.error("%s", e)
+            sys.exit(2)
+        # Returned so that sweepers that optimize (e.g. Optuna) can read the objective.
+        return result.final.get("val/loss")
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
+    _main()
+
+
+if __name__ == "__main__":
+    main()
