@@ -36,6 +36,9 @@ class InnerProblem:
             when they recompute a segment.
         outer_batch: the batch of the outer loss.
         steps: the number of inner steps T.
+        implicit_batch: the inner batch at which `Implicit` takes the Hessian and the mixed
+            derivative at the final params (e.g. the whole training set); None uses the batch
+            of the last inner step. Other methods ignore it.
     """
 
     init: Mapping[str, Tensor] | Callable[[MetaParameters], Mapping[str, Tensor]]
@@ -45,6 +48,7 @@ class InnerProblem:
     inner_batches: Sequence[Any] | Callable[[int], Any]
     outer_batch: Any
     steps: int
+    implicit_batch: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:

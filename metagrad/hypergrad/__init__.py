@@ -5,12 +5,14 @@ meta-gradients keyed like `dict(meta.named_parameters())`.
 """
 
 from .base import HypergradMethod, HypergradResult, NonFiniteLossError
+from .implicit import Implicit
 from .solvers import solve_linear
 from .unrolled import Unrolled
 
 __all__ = [
     "HypergradMethod",
     "HypergradResult",
+    "Implicit",
     "NonFiniteLossError",
     "Unrolled",
     "solve_linear",
