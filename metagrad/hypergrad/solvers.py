@@ -127,10 +127,12 @@ def solve_linear(
         step_size: step of the Neumann and fixed-point iterations (below 2 / lambda_max).
         tol: early-stopping tolerance for "cg" and "fixed_point" (None: run all iterations).
     """
-    if iters < 1:
-        raise ValueError(f"Invalid iters: {iters} (must be >= 1)")
-    if damping < 0:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"Invalid iters: {iters!r} (must be an int >= 1)")
+    if not damping >= 0:
         raise ValueError(f"Invalid damping: {damping} (must be >= 0)")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"Invalid tol: {tol} (must be >= 0, or None for fixed iterations)")
     if method == "cg":
         return conjugate_gradient(matvec, b, iters=iters, damping=damping, tol=tol)
     if not step_size > 0:
