@@ -1,0 +1,122 @@
+"""MAML++-style learning: per-layer, per-step inner learning rates and a multi-step loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import LossFn, MetaLearner, OptimizerFactory, Params, Plan
+from .metasgd import lr_key
+
+__all__ = ["MAMLPlusPlus"]
+
+
+class MAMLPlusPlus(MetaLearner):
+    r"""MAML with learned per-layer per-step learning rates (Antoniou et al. 2019).
+
+    Inner step :math:`t` updates parameter tensor :math:`l` with its own learned rate
+    :math:`\alpha_{l,t}` (LSLR), passed to the inner optimizer as a per-layer `lr`. The rates
+    are stored as `log_lr[name]`, a vector of `inner_steps` log learning rates per parameter
+    tensor ('.' in names replaced by '/'), starting at `inner_lr`. Evaluating with more steps
+    than `inner_steps` reuses the last step's rates.
+
+    The multi-step loss (MSL) is optional: set `step_weights` to one weight per inner step and
+    the meta-objective becomes :math:`\sum_t w_t L^{q}(\phi^{(t)})`; `anneal_step_weights`
+    moves the weights from uniform to the last step, as the paper does over training. The
+    derivative-order annealing of the paper is `first_order=True` early in training, then
+    `learner.first_order = False`. Per-step BatchNorm statistics are not implemented: each
+    task normalizes with the statistics of its own batch.
+
+    Args:
+        step_weights: weights of the multi-step loss, one per inner step, or None for the
+            query loss after the last step only.
+        Other arguments: those of `MetaLearner`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | str = "mse",
+        inner_lr: float = 0.01,
+        inner_steps: int = 5,
+        first_order: bool = False,
+        inner_optim: OptimizerFactory | None = None,
+        vectorize: bool | str = "auto",
+        randomness: str = "different",
+        step_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(
+            model, loss_fn, inner_lr, inner_steps, first_order, inner_optim, vectorize, randomness
+        )
+        params = dict(model.named_parameters())
+        self.log_lr = nn.ParameterDict(
+            {
+                lr_key(n): nn.Parameter(
+                    torch.full((inner_steps,), math.log(inner_lr), dtype=params[n].dtype)
+                )
+                for n in self.adapted_names()
+            }
+        )
+        self.step_weights = step_weights
+
+    @property
+    def step_weights(self) -> list[float] | None:
+        """Weights of the multi-step loss (one per inner step), or None (last step only)."""
+        return self._step_weights
+
+    @step_weights.setter
+    def step_weights(self, weights: Sequence[float] | None) -> None:
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if len(weights) != self.inner_steps:
+                raise ValueError(
+                    f"Invalid step_weights: {len(weights)} weights for {self.inner_steps} "
+                    "inner steps (one weight per step)"
+                )
+        self._step_weights = weights
+
+    def anneal_step_weights(self, progress: float) -> None:
+        """Set the multi-step loss weights from uniform (progress 0) to the last step only (1)."""
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"Invalid progress: {progress} (must be in [0, 1])")
+        n = self.inner_steps
+        self.step_weights = [
+            (1 - progress) / n + (progress if t == n - 1 else 0.0) for t in range(n)
+        ]
+
+    def lrs(self) -> dict[str, Tensor]:
+        """The current learning rates, [inner_steps] per parameter tensor, by model name."""
+        return {n: torch.exp(self.log_lr[lr_key(n)]) for n in self.adapted_names()}
+
+    def inner_lr_at(self, step: int) -> dict[str, Tensor]:
+        t = min(step, self.inner_steps - 1)
+        return {n: lr[t] for n, lr in self.lrs().items()}
+
+    def plan(self, steps: int) -> Plan:
+        plan = super().plan(1)
+        rates = self.lrs()
+        plan.lrs = [
+            {n: r[t] for n, r in rates.items()} for t in range(min(steps, self.inner_steps))
+        ]
+        plan.steps = steps
+        if self._step_weights is not None and steps == self.inner_steps:
+            plan.extra["weights"] = self._step_weights
+        return plan
+
+    def task_loss(
+        self, plan: Plan, buffers: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> Tensor:
+        weights = plan.extra.get("weights")
+        if weights is None:
+            return super().task_loss(plan, buffers, sx, sy, qx, qy)
+        total: list[Tensor] = []
+
+        def record(t: int, params: Params) -> None:
+            if weights[t] != 0:
+                total.append(weights[t] * self.query_loss(plan, params, buffers, qx, qy))
+
+        self.inner_loop(plan, buffers, sx, sy, first_order=self.first_order, on_step=record)
+        return torch.stack(total).sum()
