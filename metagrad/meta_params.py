@@ -50,6 +50,8 @@ def _check_constraint(constraint: Constraint, name: str) -> None:
 def _to_unconstrained(value: Tensor, constraint: Constraint, name: str) -> Tensor:
     """Inverse of `_to_constrained`, checking that `value` lies strictly inside the domain."""
     value = value.detach()
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"Initial value of meta-parameter '{name}' must be finite")
     if constraint is None:
         return value.clone()
     if constraint == "positive":
@@ -70,6 +72,8 @@ def _to_constrained(raw: Tensor, constraint: Constraint) -> Tensor:
     if constraint == "positive":
         return raw.exp()
     low, high = _bounds(constraint)
+    if (low, high) == (0.0, 1.0):
+        return torch.sigmoid(raw)  # read at every inner step: skip the no-op affine map
     return low + (high - low) * torch.sigmoid(raw)
 
 
@@ -136,7 +140,9 @@ class MetaParameters(nn.Module):
         if scope not in _SCOPES:
             raise ValueError(f"Invalid scope for meta-parameter '{name}': {scope!r} ({_SCOPES})")
         _check_constraint(constraint, name)
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
             raise ValueError(f"Invalid steps for meta-parameter '{name}': {steps!r} (int >= 1)")
         if scope != "scalar":
             if not isinstance(params, Mapping) or not params:
@@ -169,8 +175,11 @@ class MetaParameters(nn.Module):
         if scope == "scalar":
             self.register_parameter(name, nn.Parameter(initial(lead, init, name)))
         elif scope == "per_layer":
-            values = [torch.as_tensor(pick(p), dtype=dtype).expand(lead) for p in names]
-            stacked = torch.stack(values, dim=-1)
+            if isinstance(init, Tensor) and init.dim() > 0:
+                stacked = init  # one value per layer in `params` order (steps first)
+            else:
+                values = [torch.as_tensor(pick(p), dtype=dtype).expand(lead) for p in names]
+                stacked = torch.stack(values, dim=-1)
             raw = initial(lead + (len(names),), stacked, name)
             self.register_parameter(name, nn.Parameter(raw))
         else:
