@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..meta_params import MetaParameters
 from .hpo import HPOJob, LearnedHyper, mix_seed
-from .schema import ConfigError
+from .schema import ConfigError, meta_entry
 
 __all__ = ["build_job", "flat_hparams"]
 
@@ -61,7 +61,8 @@ def build_hpo(cfg: DictConfig) -> HPOJob:
     known = getattr(make_optimizer.func, "hyperparameter_names", tuple(make_optimizer.keywords))
     meta = MetaParameters()
     learned = {}
-    for name, entry in cfg.meta.learn.items():
+    for name, node in cfg.meta.learn.items():
+        entry = meta_entry(node)
         if name not in known or name == "nesterov":
             raise ConfigError(
                 f"meta.learn.{name}: {make_optimizer.func.__name__} has no learnable "

@@ -78,12 +78,12 @@ class Job(Protocol):
 
 @dataclass
 class LoopResult:
-    """The end of a run: final metrics, counts and timings."""
+    """The end of a run: final metrics, metrics before the first outer step, counts."""
 
     final: dict[str, float]
     steps: int
     nonfinite_total: int
-    history: dict[str, list[float]] = field(default_factory=dict)
+    initial: dict[str, float] = field(default_factory=dict)
 
 
 def resume_state(path: Path, job: Job) -> dict[str, Any]:
@@ -138,6 +138,9 @@ def run_loop(
     )
     if first == 0:
         _log_meta(job, logger, 0, force_figure=True)
+        initial = job.evaluate(final=False)
+        logger.scalars(initial, 0)
+        counters["initial"] = initial
     for index in bar:
         step = index + 1
         outcome = job.step(index)
@@ -187,7 +190,12 @@ def run_loop(
     final = job.evaluate(final=True)
     logger.scalars({f"final/{k.replace('/', '_')}": v for k, v in final.items()}, outer_steps)
     logger.flush()
-    return LoopResult(final=final, steps=outer_steps, nonfinite_total=counters["nonfinite_total"])
+    return LoopResult(
+        final=final,
+        steps=outer_steps,
+        nonfinite_total=counters["nonfinite_total"],
+        initial=dict(counters.get("initial", {})),
+    )
 
 
 def _log_meta(job: Job, logger: NullLogger, step: int, force_figure: bool) -> None:

@@ -213,20 +213,54 @@ class MetaEntrySchema:
 
     def __post_init__(self) -> None:
         _check(
+            self.init is None
+            or (isinstance(self.init, (int, float)) and not isinstance(self.init, bool)),
+            f"init must be a number or null, got {self.init!r}",
+        )
+        _check(
             self.constraint in CONSTRAINTS,
             f"constraint must be one of {CONSTRAINTS}, got {self.constraint}",
         )
         _check(self.scope in SCOPES, f"scope must be one of {SCOPES}, got {self.scope}")
+        _check(
+            isinstance(self.per_step, bool),
+            f"per_step must be true or false, got {self.per_step!r}",
+        )
 
 
 @dataclass
 class HPOMetaSchema:
-    """Which inner-optimizer hyperparameters are learned, and in which scope."""
+    """Which inner-optimizer hyperparameters are learned, and in which scope.
 
-    learn: dict[str, MetaEntrySchema] = field(default_factory=dict)
+    `learn` maps a hyperparameter name to a `MetaEntrySchema`-like mapping. It is typed loosely
+    so that entries can be added from the command line
+    (`+meta.learn.weight_decay={init:0.001,scope:per_layer}`); each entry is checked here.
+    """
+
+    learn: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.learn), "learn must name at least one hyperparameter")
+        allowed = ("init", "constraint", "scope", "per_step")
+        for name, entry in self.learn.items():
+            _check(
+                isinstance(entry, dict),
+                f"learn.{name} must be a mapping like {{init: 0.01, scope: per_layer}}, "
+                f"got {entry!r}",
+            )
+            unknown = sorted(set(entry) - set(allowed))
+            _check(not unknown, f"learn.{name} has unknown keys {unknown} (allowed: {allowed})")
+            try:
+                MetaEntrySchema(**entry)
+            except ValueError as e:
+                raise ValueError(f"learn.{name}.{e}") from None
+
+
+def meta_entry(entry: Any) -> MetaEntrySchema:
+    """A `meta.learn` entry (a config node or mapping) as a checked `MetaEntrySchema`."""
+    if OmegaConf.is_config(entry):
+        entry = OmegaConf.to_container(entry, resolve=True)
+    return MetaEntrySchema(**entry)
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Helpers shared by the training-application tests: run `python -m metagrad.train` quickly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# A run small enough for a test: a tiny MLP, a short horizon, few outer steps.
+TINY = [
+    "model.hidden=[16]",
+    "hypergrad.steps=5",
+    "task.batch_size=32",
+    "task.outer_batch_size=64",
+    "outer_steps=4",
+    "val_every=2",
+    "checkpoint_every=2",
+    "threads=1",
+]
+
+
+def env() -> dict[str, str]:
+    """The environment of a child run: one thread, no progress bar, no full Hydra traces."""
+    out = dict(os.environ)
+    out["OMP_NUM_THREADS"] = "1"
+    out["MKL_NUM_THREADS"] = "1"
+    out.pop("HYDRA_FULL_ERROR", None)
+    return out
+
+
+def run_train(
+    run_dir: Path, *overrides: str, cwd: Path | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m metagrad.train` into `run_dir` and return the finished process."""
+    cmd = [sys.executable, "-m", "metagrad.train", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(
+        cmd,
+        cwd=cwd or run_dir.parent,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def metrics(run_dir: Path) -> dict:
+    """The `metrics.json` a finished run wrote."""
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def compose_cfg(*overrides: str):
+    """Compose `configs/train.yaml` in-process with `overrides` (no command line, no run)."""
+    from hydra import compose, initialize_config_dir
+
+    from metagrad.app.schema import register_configs
+    from metagrad.train import config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
