@@ -118,6 +118,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
     learned = {k.removeprefix("meta/"): v for k, v in job.meta_scalars().items()}
     summary = {
         "final": result.final,
+        "initial": result.initial,
         "learned": learned,
         "outer_steps": result.steps,
         "skipped_steps": result.nonfinite_total,
@@ -139,6 +140,9 @@ def _report(result: LoopResult, learned: dict[str, float], run: Path) -> None:
     f = result.final
     lines = [f"\nfinished {result.steps} outer steps ({result.nonfinite_total} skipped)"]
     shown = "  ".join(f"{k} {v:.4f}" for k, v in f.items())
+    if result.initial:
+        before = "  ".join(f"{k} {v:.4f}" for k, v in result.initial.items())
+        lines.append(f"before:         {before}")
     lines.append(f"final metrics:  {shown}")
     if learned:
         lines.append("learned:        " + "  ".join(f"{k}={v:.4g}" for k, v in learned.items()))
