@@ -239,10 +239,10 @@ def _refuse_optimizer_hyperparameters(
             if g is not None:
                 found.setdefault(name, []).append(arg)
     if found:
-        listed = ", ".join(f"'{n}' (reaches {', '.join(args)})" for n, args in found.items())
+        listed = ", ".join(f"'{n}' (its {', '.join(args)})" for n, args in found.items())
         raise ValueError(
-            f"Implicit cannot give hypergradients for inner-optimizer hyperparameters, but "
-            f"meta-parameters {listed} reach the optimizer built by problem.optimizer. The "
+            "Implicit cannot give hypergradients for inner-optimizer hyperparameters, but these "
+            f"meta-parameters reach the optimizer built by problem.optimizer: {listed}. The "
             "implicit function theorem sees only the inner and outer losses at the optimum, "
             "where the learning rate and momentum play no part: learn these with Unrolled "
             "(or another unrolled method), or write a regularizer such as weight decay into "
