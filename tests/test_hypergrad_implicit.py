@@ -281,3 +281,33 @@ def test_all_used_gives_no_warning_and_a_stock_adam_step():
     assert set(result.grads) == set(dict(meta.named_parameters()))
     assert not torch.equal(meta.value("lam").detach(), before)
     assert result.metrics["outer/loss"] == pytest.approx(float(result.outer_loss))
+
+
+def test_proximal_init_matches_the_imaml_closed_form():
+    # iMAML: the meta-learned init theta is both the starting point and the centre of a
+    # proximal term (reg / 2) ||w - theta||^2 in the inner loss. At the optimum,
+    # dL/dtheta = reg (2 X^T X / n + reg I)^{-1} g_v; the starting point itself plays no part.
+    X, y, Xv, yv = ridge_data(4)
+    reg = 0.8
+    theta0 = torch.linspace(-1.0, 1.0, D, dtype=DT)
+    meta = metagrad.MetaParameters()
+    meta.add("theta", theta0, constraint=None, scope="per_element", params={"w": theta0})
+    A = 2 * X.T @ X / N + reg * torch.eye(D, dtype=DT)
+    problem = metagrad.InnerProblem(
+        init=lambda m: {"w": m.value("theta")["w"]},
+        optimizer=lambda m, t: SGD(lr=1.0 / float(torch.linalg.eigvalsh(A).max())),
+        inner_loss=lambda p, m, b: (
+            sq(b[0], b[1], p["w"]) + reg / 2 * (p["w"] - m.value("theta")["w"]).pow(2).sum()
+        ),
+        outer_loss=lambda p, m, b: sq(b[0], b[1], p["w"]),
+        inner_batches=lambda t: (X, y),
+        outer_batch=(Xv, yv),
+        steps=300,
+    )
+    w = torch.linalg.solve(A, 2 * X.T @ y / N + reg * theta0)
+    gv = 2 * Xv.T @ (Xv @ w - yv) / NV
+    expected = reg * torch.linalg.solve(A, gv)
+    implicit = Implicit(solver="cg", iters=20)(problem, meta)
+    torch.testing.assert_close(implicit.grads["theta.w"], expected, rtol=1e-6, atol=1e-12)
+    unrolled = Unrolled()(problem, meta)  # sees the starting point too; it vanishes at T = 300
+    torch.testing.assert_close(unrolled.grads["theta.w"], expected, rtol=1e-4, atol=1e-10)
