@@ -5,11 +5,19 @@ meta-gradients keyed like `dict(meta.named_parameters())`.
 """
 
 from .base import HypergradMethod, HypergradResult, NonFiniteLossError
+from .checkpointed import Checkpointed
+from .first_order import FirstOrder
+from .forward_mode import ForwardMode
 from .implicit import Implicit
 from .solvers import solve_linear
+from .truncated import Truncated
 from .unrolled import Unrolled
 
 __all__ = [
+    "Checkpointed",
+    "FirstOrder",
+    "ForwardMode",
+    "Truncated",
     "HypergradMethod",
     "HypergradResult",
     "Implicit",

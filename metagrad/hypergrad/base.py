@@ -77,9 +77,12 @@ class InnerRun:
 
 
 def _check_finite(loss: Tensor, step: int, steps: int) -> None:
-    if not bool(torch.isfinite(loss)):
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        return  # inner_grads rejects it with a clear message
+    value = loss.detach().item()  # one sync, no extra op: this runs at every inner step
+    if not math.isfinite(value):
         raise NonFiniteLossError(
-            f"inner loss is {loss.detach().cpu().item()} at inner step {step} (of {steps}); "
+            f"inner loss is {value} at inner step {step} (of {steps}); "
             "lower the learning rate or check the data"
         )
 
@@ -130,16 +133,21 @@ def inner_steps(
         NonFiniteLossError: the inner loss is NaN or infinite; the message names the step.
     """
     params, state, loss = run.params, run.state, run.last_loss
+    if not track:
+        state = _detach_tree(state)
     for t in steps:
         if not track:
             params = as_leaves({n: p.detach() for n, p in params.items()})
-        optimizer = problem.optimizer(meta, t)
         loss = problem.inner_loss(params, meta, problem.batch(t))
         _check_finite(loss, t, problem.steps)
         grads = inner_grads(loss, params, create_graph=create_graph and track)
-        params, state = optimizer.step(params, grads, state)
-        if not track:
-            state = _detach_tree(state)
+        if track:
+            params, state = problem.optimizer(meta, t).step(params, grads, state)
+        else:
+            # Untracked steps are cut from the graph anyway: build none (cheaper than
+            # building one and detaching it).
+            with torch.no_grad():
+                params, state = problem.optimizer(meta, t).step(params, grads, state)
     if not track:
         params = {n: p.detach() for n, p in params.items()}
     return InnerRun(params, state, loss)

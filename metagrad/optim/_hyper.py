@@ -38,15 +38,20 @@ def _check_range(
     if isinstance(value, Tensor):
         if not _is_concrete(value) or value.numel() == 0:
             return
-        # Comparisons build no graph: the check never affects a hypergradient.
-        bad = bool((value < low).any()) or bool(torch.isnan(value).any())
+        # Comparisons build no graph: the check never affects a hypergradient. One fused
+        # reduction and one sync (NaN fails `>=`): optimizers are built at every inner step.
+        ok = value >= low
         if high is not None:
-            bad = bad or bool(((value >= high) if high_open else (value > high)).any())
-        v = value.detach()
-        if v.numel() <= 4:
-            shown = v.cpu()
-        else:
-            shown = f"tensor of shape {tuple(v.shape)} with values from {v.min():g} to {v.max():g}"
+            ok = ok & ((value < high) if high_open else (value <= high))
+        bad = not bool(ok.all())
+        shown: object = ""
+        if bad:
+            v = value.detach()
+            if v.numel() <= 4:
+                shown = v.cpu()
+            else:
+                lo, hi = v.min(), v.max()
+                shown = f"tensor of shape {tuple(v.shape)} with values from {lo:g} to {hi:g}"
     else:
         bad = not (value >= low) or (
             high is not None and (value >= high if high_open else value > high)
