@@ -14,10 +14,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..meta_params import MetaParameters
-from .hpo import HPOJob, LearnedHyper, mix_seed
+from .hpo import LOSS_HYPERS, HPOJob, LearnedHyper, mix_seed
 from .schema import ConfigError, meta_entry
 
 __all__ = ["build_job", "flat_hparams"]
+
+
+_NOT_LEARNABLE = ("nesterov", "amsgrad", "centered", "betas")
 
 
 def _plain(node: DictConfig) -> dict[str, Any]:
@@ -59,14 +62,20 @@ def build_hpo(cfg: DictConfig) -> HPOJob:
             for n, p in instantiate(model_cfg).named_parameters()
         }
     known = getattr(make_optimizer.func, "hyperparameter_names", tuple(make_optimizer.keywords))
+    # Flags and pairs cannot be learned as one value each.
+    known = tuple(k for k in known if k not in _NOT_LEARNABLE)
     meta = MetaParameters()
     learned = {}
     for name, node in cfg.meta.learn.items():
         entry = meta_entry(node)
-        if name not in known or name == "nesterov":
+        if name in LOSS_HYPERS:
+            if entry.init is None or entry.per_step:
+                raise ConfigError(f"meta.learn.{name}: needs an init value and per_step: false")
+        elif name not in known:
             raise ConfigError(
                 f"meta.learn.{name}: {make_optimizer.func.__name__} has no learnable "
-                f"hyperparameter '{name}' (it has {[k for k in known if k != 'nesterov']})"
+                f"hyperparameter '{name}' (it has {list(known)}; the inner loss has "
+                f"{list(LOSS_HYPERS)})"
             )
         init = entry.init if entry.init is not None else make_optimizer.keywords.get(name)
         constraint = None if entry.constraint == "none" else entry.constraint

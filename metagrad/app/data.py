@@ -33,7 +33,7 @@ class DigitsTask:
         split_seed: seed of the train/validation/test split.
         dtype: dtype of the inputs, "float32" or "float64".
         in_features: must be 64 (the image size); given so model configs can read it.
-        num_classes: must be 10; given so model configs can read it.
+        out_features: must be 10; given so model configs can read it.
     """
 
     def __init__(
@@ -45,14 +45,14 @@ class DigitsTask:
         split_seed: int = 0,
         dtype: str = "float32",
         in_features: int = 64,
-        num_classes: int = 10,
+        out_features: int = 10,
     ) -> None:
         from sklearn.datasets import load_digits
 
-        if in_features != 64 or num_classes != 10:
+        if in_features != 64 or out_features != 10:
             raise ValueError(
                 f"digits has 64 features and 10 classes, got in_features={in_features}, "
-                f"num_classes={num_classes}"
+                f"out_features={out_features}"
             )
         data = load_digits()
         n = len(data.target)
@@ -75,7 +75,7 @@ class DigitsTask:
         self.batch_size = batch_size
         self.outer_batch_size = outer_batch_size
         self.in_features = in_features
-        self.num_classes = num_classes
+        self.out_features = out_features
 
     def inner_batches(self, seed: int, steps: int) -> list[Batch]:
         """`steps` training batches, each drawn without replacement, from generator `seed`."""

@@ -18,7 +18,12 @@ from ..problem import InnerProblem
 from .data import DigitsTask
 from .loop import StepOutcome
 
-__all__ = ["HPOJob", "LearnedHyper", "mix_seed"]
+__all__ = ["HPOJob", "LearnedHyper", "mix_seed", "LOSS_HYPERS"]
+
+# Learnable hyperparameters of the inner loss rather than of the optimizer: `l2` adds
+# 0.5 * l2 * ||w||^2 (per layer or per element with those scopes) to the training loss. The
+# implicit estimator sees only these.
+LOSS_HYPERS = ("l2",)
 
 Params = dict[str, Tensor]
 
@@ -98,6 +103,8 @@ class HPOJob:
         """The inner optimizer of inner step `t`, built from the meta-parameters' values."""
         values = {}
         for name, spec in self.learned.items():
+            if name in LOSS_HYPERS:
+                continue
             # A schedule longer runs (eval_steps > steps) keep its last value.
             step = min(t, self.steps - 1) if spec.per_step else None
             values[name] = meta.value(name, step=step)
@@ -108,17 +115,30 @@ class HPOJob:
         x, y = batch
         return F.cross_entropy(self.fmodel(params, x), y)
 
+    def inner_loss(
+        self, params: Params, meta: MetaParameters, batch: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """The training loss: cross-entropy plus any learned L2 penalty."""
+        loss = self.loss(params, meta, batch)
+        if "l2" in self.learned:
+            l2 = meta.value("l2")
+            for name, p in params.items():
+                coef = l2[name] if isinstance(l2, dict) else l2
+                loss = loss + 0.5 * (coef * p * p).sum()
+        return loss
+
     def problem(self, index: int) -> InnerProblem:
         """The inner problem of outer step `index`."""
         s = mix_seed(self.seed, index)
         return InnerProblem(
             init=self.init_params(s),
             optimizer=self.optimizer,
-            inner_loss=self.loss,
+            inner_loss=self.inner_loss,
             outer_loss=self.loss,
             inner_batches=self.task.inner_batches(s, self.steps),
             outer_batch=self.task.outer_batch(s),
             steps=self.steps,
+            implicit_batch=(self.task.train.x, self.task.train.y),
         )
 
     # ------------------------------------------------------------------ the Job interface
@@ -148,7 +168,7 @@ class HPOJob:
                 opt = self.optimizer(self.meta, t)
             if state is None:
                 state = opt.init(params)
-            train_loss = self.loss(params, self.meta, batch)
+            train_loss = self.inner_loss(params, self.meta, batch)
             if not bool(torch.isfinite(train_loss)):
                 break
             grads = torch.autograd.grad(train_loss, list(params.values()))

@@ -24,8 +24,14 @@ class NullLogger:
     def histograms(self, values: Mapping[str, Tensor], step: int) -> None:
         """Record the distribution of each tensor at `step`."""
 
-    def schedules(self, values: Mapping[str, Tensor], step: int, force: bool = False) -> None:
-        """Record per-step schedules (tensor of shape [steps] or [steps, k]) as a chart."""
+    def schedules(
+        self, values: Mapping[str, Tensor], step: int, force: bool = False, final: bool = False
+    ) -> None:
+        """Record per-step schedules (tensor of shape [steps] or [steps, k]) as a chart.
+
+        `force` draws regardless of the interval; `final` also writes the values as scalars
+        over the inner step (`<tag>/final`, or `<tag>/final/<k>` per column).
+        """
 
     def layout(self, groups: Mapping[str, list[str]]) -> None:
         """Group scalar tags (regular expressions) on one chart per group."""
@@ -89,8 +95,18 @@ class TensorBoardLogger(NullLogger):
         for tag, t in values.items():
             self.writer.add_histogram(tag, t.detach().float().cpu(), step)
 
-    def schedules(self, values: Mapping[str, Tensor], step: int, force: bool = False) -> None:
-        if not values or (step % self.figure_every and not force):
+    def schedules(
+        self, values: Mapping[str, Tensor], step: int, force: bool = False, final: bool = False
+    ) -> None:
+        if final:
+            for tag, sched in values.items():
+                s = sched.detach().float().cpu()
+                columns = [s] if s.dim() == 1 else list(s.T)
+                for k, col in enumerate(columns):
+                    name = f"{tag}/final" if s.dim() == 1 else f"{tag}/final/{k}"
+                    for t, v in enumerate(col.tolist()):
+                        self.writer.add_scalar(name, v, t)
+        if not values or (step % self.figure_every and not (force or final)):
             return
         import matplotlib
 

@@ -153,7 +153,7 @@ def run_loop(
             log.warning("outer step %d skipped: %s", step, outcome.reason)
         metrics["outer/skipped_total"] = counters["nonfinite_total"]
         logger.scalars(metrics, step)
-        _log_meta(job, logger, step, force_figure=step == outer_steps)
+        _log_meta(job, logger, step, force_figure=False, final=step == outer_steps)
         if progress:
             bar.set_postfix(
                 {k.split("/")[0]: f"{v:.4g}" for k, v in metrics.items() if k.endswith("/loss")}
@@ -198,11 +198,13 @@ def run_loop(
     )
 
 
-def _log_meta(job: Job, logger: NullLogger, step: int, force_figure: bool) -> None:
+def _log_meta(
+    job: Job, logger: NullLogger, step: int, force_figure: bool, final: bool = False
+) -> None:
     logger.scalars(job.meta_scalars(), step)
     tensors = job.meta_tensors()
     if tensors:
         logger.histograms(tensors, step)
     schedules = job.meta_schedules()
     if schedules:
-        logger.schedules(schedules, step, force=force_figure)
+        logger.schedules(schedules, step, force=force_figure, final=final)

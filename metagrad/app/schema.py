@@ -57,7 +57,7 @@ class DigitsTaskSchema:
     split_seed: int = 0
     dtype: str = "float32"
     in_features: int = 64
-    num_classes: int = 10
+    out_features: int = 10
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "val_size", "outer_batch_size")
@@ -75,11 +75,14 @@ class SinusoidTaskSchema:
     query_shots: int = 10
     meta_batch: int = 25
     eval_tasks: int = 600
+    eval_query: int = 100
     eval_steps: list[int] = field(default_factory=lambda: [1, 10])
     dtype: str = "float32"
+    in_features: int = 1
+    out_features: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "shots", "query_shots", "meta_batch", "eval_tasks")
+        _positive(self, "shots", "query_shots", "meta_batch", "eval_tasks", "eval_query")
         _check(
             all(s >= 0 for s in self.eval_steps), f"eval_steps must be >= 0, got {self.eval_steps}"
         )
@@ -124,6 +127,7 @@ class AdamSchema:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
+    amsgrad: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "eps")
@@ -143,6 +147,7 @@ class RMSpropSchema:
     eps: float = 1e-8
     momentum: float = 0.0
     weight_decay: float = 0.0
+    centered: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "eps")
@@ -155,12 +160,14 @@ class AdagradSchema:
     _target_: str = "metagrad.optim.Adagrad"
     _partial_: bool = True
     lr: float = 1e-2
-    eps: float = 1e-10
+    lr_decay: float = 0.0
     weight_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+    eps: float = 1e-10
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "eps")
-        _non_negative(self, "weight_decay")
+        _non_negative(self, "weight_decay", "lr_decay", "initial_accumulator_value")
 
 
 @dataclass
@@ -264,10 +271,36 @@ def meta_entry(entry: Any) -> MetaEntrySchema:
 
 
 @dataclass
+class MetaAlgoSchema:
+    """A learner from `metagrad.meta`; the model and inner optimizer are passed in by the app."""
+
+    _target_: str = "metagrad.meta.MAML"
+    _partial_: bool = True
+    loss_fn: str = "mse"
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    first_order: bool = False
+    vectorize: Any = "auto"
+
+    def __post_init__(self) -> None:
+        _positive(self, "inner_lr", "inner_steps")
+        _check(
+            self.vectorize in ("auto", True, False),
+            f"vectorize must be auto, true or false, got {self.vectorize!r}",
+        )
+
+
+@dataclass
 class FewShotMetaSchema:
     """A meta-learning algorithm from `metagrad.meta` (its model and loss come from the task)."""
 
     algo: Any = MISSING
+    lr_outer_lr: float | None = (
+        None  # outer lr of learned inner lrs (Meta-SGD); None: outer_optim.lr
+    )
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr_outer_lr")
 
 
 @dataclass
@@ -319,13 +352,15 @@ class ImplicitSchema:
     solver: str = "cg"
     iters: int = 20
     damping: float = 0.0
+    step_size: float = 0.1
+    tol: float | None = None
 
     def __post_init__(self) -> None:
         _check(
             self.solver in ("cg", "neumann", "fixed_point"),
             f"solver must be cg, neumann or fixed_point, got {self.solver}",
         )
-        _positive(self, "iters")
+        _positive(self, "iters", "step_size")
         _non_negative(self, "damping")
 
 
@@ -432,7 +467,11 @@ _GROUPS: dict[str, dict[str, Any]] = {
         "online_sgd": OnlineSGDSchema,
         "online_adam": OnlineAdamSchema,
     },
-    "meta": {"hpo": HPOMetaSchema, "fewshot": FewShotMetaSchema, "none": NoMetaSchema},
+    "meta": {
+        "hpo": HPOMetaSchema,
+        "fewshot": FewShotMetaSchema(algo=MetaAlgoSchema()),
+        "none": NoMetaSchema,
+    },
     "hypergrad": {
         "unrolled": HypergradSchema(estimator=UnrolledSchema()),
         "truncated": HypergradSchema(estimator=TruncatedSchema()),
