@@ -20,6 +20,7 @@ __all__ = ["vmap_blocker", "map_tasks", "index_tree", "check_vectorize"]
 logger = logging.getLogger("metagrad.meta")
 
 Vectorize = bool | str
+_BATCH_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def check_vectorize(value: Vectorize) -> Vectorize:
@@ -42,13 +43,9 @@ def vmap_blocker(model: nn.Module, second_order: bool) -> str | None:
     if not second_order:
         return None
     for name, module in model.named_modules():
-        batch_stats = isinstance(
-            module,
-            nn.modules.batchnorm._BatchNorm
-            | nn.InstanceNorm1d
-            | nn.InstanceNorm2d
-            | nn.InstanceNorm3d,
-        ) and (module.training or not module.track_running_stats)
+        batch_stats = isinstance(module, _BATCH_STAT_NORMS) and (
+            module.training or not module.track_running_stats
+        )
         if batch_stats or isinstance(module, nn.LayerNorm):
             where = name or "the model itself"
             return (
