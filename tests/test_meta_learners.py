@@ -273,3 +273,18 @@ def test_meta_training_lowers_the_query_loss():
         algo(*tasks.sample(10, 10)).backward()
         opt.step()
     assert algo(*held_out).item() < 0.8 * before
+
+
+@pytest.mark.parametrize("cls", [MAML, ANIL], ids=["maml", "anil"])
+def test_digits_classification_vmap_equals_loop(cls):
+    from metagrad.tasks import DigitsFewShot
+
+    data = DigitsFewShot(ways=3, shots=1, query=2, dtype=DTYPE).sample(3)
+    results = []
+    for vectorize in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3)).to(DTYPE)
+        algo = cls(model, loss_fn="cross_entropy", inner_lr=0.5, inner_steps=2, vectorize=vectorize)
+        results.append(grads_of(algo, data))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
