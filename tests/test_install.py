@@ -1,0 +1,74 @@
+"""A non-editable install (`pip install .`) carries the configs: the app runs from anywhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from _train_utils import TINY, env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_non_editable_install_runs_the_default_config_from_another_folder(tmp_path: Path) -> None:
+    # Build from a copy so the checkout gets no build/ or egg-info folders.
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns(
+        ".git", "__pycache__", "*.egg-info", "build", "outputs", "multirun", "runs", ".*cache"
+    )
+    for name in ("pyproject.toml", "README.md", "metagrad", "configs"):
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy(path, src / name)
+
+    # A fresh environment that sees the installed torch (no download) but not the checkout:
+    # without its own pip, the host's pip and setuptools build and install into it, offline.
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+        timeout=120,
+    )
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env(), "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run(
+        [str(python), "-c", "import metagrad.train as t; print(t.__file__); print(t.config_dir())"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(),
+    )
+    module_file, configs = where.stdout.split()
+    assert Path(module_file).is_relative_to(venv), module_file
+    assert Path(configs).is_relative_to(venv) and (Path(configs) / "train.yaml").is_file()
+    assert (Path(configs) / "experiment" / "maml_sine.yaml").is_file()
+
+    run = subprocess.run(
+        [str(python), "-m", "metagrad.train", "hydra.run.dir=run", *TINY, "outer_steps=1"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env(),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "tensorboard --logdir" in run.stdout
+    result = json.loads((elsewhere / "run" / "metrics.json").read_text())
+    assert result["outer_steps"] == 1
