@@ -288,3 +288,11 @@ def test_digits_classification_vmap_equals_loop(cls):
         results.append(grads_of(algo, data))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_multi_step_loss_applies_in_training_calls_only():
+    algo = MAMLPlusPlus(mlp(), inner_lr=0.1, inner_steps=2, step_weights=[0.5, 0.5])
+    data = batch()
+    plain = MAMLPlusPlus(mlp(), inner_lr=0.1, inner_steps=2)
+    assert algo(*data, steps=2).item() == pytest.approx(plain(*data).item(), abs=1e-12)
+    assert algo(*data).item() != pytest.approx(plain(*data).item(), abs=1e-6)

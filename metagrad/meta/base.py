@@ -266,6 +266,8 @@ class MetaLearner(nn.Module):
             support_x, support_y: support sets, [tasks, shots, ...].
             query_x, query_y: query sets, [tasks, query_shots, ...].
             steps: inner steps (default: `inner_steps`), e.g. more steps at evaluation time.
+                Given explicitly, the loss is the query loss after the last step (no
+                training-only objective such as MAML++'s multi-step loss).
             reduction: "mean" over tasks (a scalar) or "none" (one loss per task).
 
         Returns:
@@ -276,10 +278,12 @@ class MetaLearner(nn.Module):
                 shots, inputs and targets disagree on the number of shots.
         """
         tasks = _check_meta_batch(support_x, support_y, query_x, query_y)
+        evaluating = steps is not None
         steps = self._check_steps(steps)
         if reduction not in ("mean", "none"):
             raise ValueError(f"Invalid reduction: {reduction!r} (expected 'mean' or 'none')")
         plan = self.plan(steps)
+        plan.extra["explicit_steps"] = evaluating
         buffers = {k: b.expand(tasks, *b.shape) for k, b in self.model.named_buffers()}
         args = (buffers, support_x, support_y, query_x, query_y)
 

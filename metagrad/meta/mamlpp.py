@@ -24,7 +24,8 @@ class MAMLPlusPlus(MetaLearner):
     than `inner_steps` reuses the last step's rates.
 
     The multi-step loss (MSL) is optional: set `step_weights` to one weight per inner step and
-    the meta-objective becomes :math:`\sum_t w_t L^{q}(\phi^{(t)})`; `anneal_step_weights`
+    the meta-objective becomes :math:`\sum_t w_t L^{q}(\phi^{(t)})` (in calls without an
+    explicit `steps`; evaluation with `steps=` reports the last step's loss); `anneal_step_weights`
     moves the weights from uniform to the last step, as the paper does over training. The
     derivative-order annealing of the paper is `first_order=True` early in training, then
     `learner.first_order = False`. Per-step BatchNorm statistics are not implemented: each
@@ -110,7 +111,7 @@ class MAMLPlusPlus(MetaLearner):
         self, plan: Plan, buffers: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> Tensor:
         weights = plan.extra.get("weights")
-        if weights is None:
+        if weights is None or plan.extra.get("explicit_steps"):
             return super().task_loss(plan, buffers, sx, sy, qx, qy)
         total: list[Tensor] = []
 
