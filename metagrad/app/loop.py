@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logger import NullLogger
@@ -136,6 +138,35 @@ def run_loop(
         dynamic_ncols=True,
         desc="outer",
     )
+    # Log lines go through tqdm.write while the bar is shown, so they do not break it.
+    with logging_redirect_tqdm(loggers=[logging.getLogger()]) if progress else nullcontext():
+        return _run(
+            job,
+            logger,
+            bar,
+            counters,
+            outer_steps,
+            val_every,
+            checkpoint_every,
+            checkpoint_path,
+            max_nonfinite,
+            progress,
+        )
+
+
+def _run(
+    job: Job,
+    logger: NullLogger,
+    bar: tqdm,
+    counters: dict[str, Any],
+    outer_steps: int,
+    val_every: int,
+    checkpoint_every: int,
+    checkpoint_path: Path | None,
+    max_nonfinite: int,
+    progress: bool,
+) -> LoopResult:
+    first = counters["step"]
     if first == 0:
         _log_meta(job, logger, 0, force_figure=True)
         initial = job.evaluate(final=False)
