@@ -224,7 +224,8 @@ class MetaParameters(nn.Module):
             return _to_constrained(at(getattr(self, name)), entry.constraint)
         if entry.scope == "per_layer":
             values = _to_constrained(at(getattr(self, name)), entry.constraint)
-            return {p: values[i] for i, p in enumerate(entry.names)}
+            # One unbind (one backward node) instead of one select per layer and step.
+            return dict(zip(entry.names, values.unbind(-1), strict=True))
         store = getattr(self, name)
         return {p: _to_constrained(at(store[_key(p)]), entry.constraint) for p in entry.names}
 

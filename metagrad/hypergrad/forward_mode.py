@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
@@ -17,19 +17,40 @@ from .base import HypergradResult, InnerRun, finish, inner_steps, zero_unused
 __all__ = ["ForwardMode"]
 
 
-def _rewrap(x: Any) -> Any:
-    """Cut the reverse-mode graph of `x` but keep its forward-mode tangent.
+def _split(tree: Any) -> tuple[list[Any], list[Tensor | None], Any]:
+    """Plain copies of the primals and tangents of every tensor in `tree`, and its structure.
 
-    The primal becomes a fresh leaf that requires grad (the next inner gradient needs it);
-    the tangent, which carries everything the forward pass needs, is kept as a constant.
+    Copies, not aliases: an alias of a primal or tangent keeps the step that computed it (and
+    so every earlier step) alive, and memory would grow with T.
     """
-    if not isinstance(x, Tensor):
-        return x
-    primal, tangent = fwAD.unpack_dual(x)
-    primal = primal.detach().requires_grad_(primal.is_floating_point())
-    if tangent is None:
-        return primal
-    return fwAD.make_dual(primal, tangent.detach())
+    leaves, spec = tree_flatten(tree)
+    primals: list[Any] = []
+    tangents: list[Tensor | None] = []
+    for x in leaves:
+        if isinstance(x, Tensor):
+            primal, tangent = fwAD.unpack_dual(x)
+            primals.append(primal.detach().clone())
+            tangents.append(None if tangent is None else tangent.detach().clone())
+        else:
+            primals.append(x)
+            tangents.append(None)
+    return primals, tangents, spec
+
+
+def _join(primals: list[Any], tangents: list[Tensor | None], spec: Any) -> Any:
+    """Dual tensors (inside the current dual level) from `_split`'s output.
+
+    Floating-point primals become fresh leaves that require grad, as the next inner gradient
+    needs.
+    """
+    leaves = []
+    for primal, tangent in zip(primals, tangents, strict=True):
+        if isinstance(primal, Tensor):
+            primal = primal.detach().requires_grad_(primal.is_floating_point())
+            if tangent is not None:
+                primal = fwAD.make_dual(primal, tangent)
+        leaves.append(primal)
+    return tree_unflatten(leaves, spec)
 
 
 class ForwardMode:
@@ -119,37 +140,54 @@ class ForwardMode:
     ) -> tuple[Tensor, InnerRun, Tensor | None]:
         """One inner run with tangent `direction` on meta-parameter `name`.
 
+        Every inner step runs in its own forward-AD level; between steps the params and
+        optimizer state travel as plain primal and tangent copies. (Within one level, forward
+        AD keeps the tangents of tensors saved for backward registered until the level ends,
+        and with them every step's graph: memory would grow with T.)
+
         Returns the outer loss, the final run (detached) and the outer loss's tangent (None
         where the outer loss does not depend on that direction).
         """
-        with fwAD.dual_level():
+
+        def call(fn: Any, *args: Any) -> Any:
+            values = dict(raw)
             if others_dual:
                 values = {n: fwAD.make_dual(v, torch.zeros_like(v)) for n, v in raw.items()}
-            else:
-                values = dict(raw)
             if name is not None:
                 values[name] = fwAD.make_dual(raw[name], direction)
-            outer, run = torch.func.functional_call(meta, values, (self._unroll, problem))
-            primal, tangent = fwAD.unpack_dual(outer)
-            primal = primal.detach()
-            tangent = None if tangent is None else tangent.detach()
-            plain = InnerRun(
-                {n: p.detach() for n, p in run.params.items()},
-                tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, run.state),
-                run.last_loss,
-            )
-        return primal, plain, tangent
+            return torch.func.functional_call(meta, values, (fn, problem, *args))
 
-    @staticmethod
-    def _unroll(meta: MetaParameters, problem: InnerProblem) -> tuple[Tensor, InnerRun]:
-        params = {n: _rewrap(p) for n, p in problem.initial_params(meta).items()}
-        state = tree_map(_rewrap, problem.optimizer(meta, 0).init(params))
-        run = InnerRun(params, state)
+        with fwAD.dual_level():
+            carry = call(_initial)
+        last_loss = None
         for t in range(problem.steps):
-            run = inner_steps(problem, meta, run, (t,))
-            params, state = tree_map(_rewrap, (run.params, run.state))
-            run = InnerRun(params, state, run.last_loss.detach())
-        return problem.outer_loss(run.params, meta, problem.outer_batch), run
+            with fwAD.dual_level():
+                carry, last_loss = call(_step, carry, t)
+        with fwAD.dual_level():
+            params = _join(*carry)[0]
+            primal, tangent = fwAD.unpack_dual(call(_outer, params))
+            primal = primal.detach().clone()
+            tangent = None if tangent is None else tangent.detach().clone()
+        params, state = tree_unflatten(carry[0], carry[2])
+        return primal, InnerRun(params, state, last_loss), tangent
 
     def __repr__(self) -> str:
         return f"ForwardMode(max_directions={self.max_directions})"
+
+
+def _initial(meta: MetaParameters, problem: InnerProblem) -> tuple[Any, ...]:
+    params = _join(*_split(problem.initial_params(meta)))
+    state = problem.optimizer(meta, 0).init(params)
+    return _split((params, state))
+
+
+def _step(
+    meta: MetaParameters, problem: InnerProblem, carry: tuple[Any, ...], t: int
+) -> tuple[tuple[Any, ...], Tensor]:
+    params, state = _join(*carry)
+    run = inner_steps(problem, meta, InnerRun(params, state), (t,))
+    return _split((run.params, run.state)), fwAD.unpack_dual(run.last_loss).primal.detach().clone()
+
+
+def _outer(meta: MetaParameters, problem: InnerProblem, params: dict[str, Tensor]) -> Tensor:
+    return problem.outer_loss(params, meta, problem.outer_batch)

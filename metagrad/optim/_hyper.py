@@ -40,10 +40,14 @@ def _check_range(
             return
         # Comparisons build no graph: the check never affects a hypergradient. One fused
         # reduction and one sync (NaN fails `>=`): optimizers are built at every inner step.
-        ok = value >= low
-        if high is not None:
-            ok = ok & ((value < high) if high_open else (value <= high))
-        bad = not bool(ok.all())
+        if value.dim() == 0:  # the common case: one sync, no extra ops
+            x = value.item()
+            bad = not (x >= low) or (high is not None and (x >= high if high_open else x > high))
+        else:
+            ok = value >= low
+            if high is not None:
+                ok = ok & ((value < high) if high_open else (value <= high))
+            bad = not bool(ok.all())
         shown: object = ""
         if bad:
             v = value.detach()
