@@ -209,3 +209,37 @@ def test_maml_with_adam_inner_loop_matches_a_hand_written_unroll():
         (F.mse_loss(fm(params, qx[i]), qy[i]) / sx.shape[0]).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[f"model.{n}"], p.grad, atol=1e-12, rtol=0)
+
+
+def test_imaml_agrees_with_the_implicit_hypergradient_estimator():
+    # The same inner problem through metagrad.hypergrad.Implicit: the proximal term carries
+    # theta into the inner loss, and d/dtheta = lam (H + lam I)^-1 g = (I + H / lam)^-1 g.
+    from metagrad.hypergrad import Implicit
+
+    model, lam, steps = tiny_mlp(), 2.0, 30
+    sx, sy, qx, qy = sine_batch(tasks=1)
+    algo = iMAML(model, inner_lr=0.1, inner_steps=steps, lam=lam, solver_iters=60)
+    got = meta_grads(algo, (sx, sy, qx, qy))
+
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    meta = metagrad.MetaParameters()
+    meta.add("init", params, constraint=None, scope="per_element", params=params)
+    fm = metagrad.Functional(model)
+
+    def inner_loss(p, meta, batch):
+        theta = meta.value("init")
+        prox = sum(((p[k] - theta[k]) ** 2).sum() for k in p)
+        return F.mse_loss(fm(p, sx[0]), sy[0]) + 0.5 * lam * prox
+
+    problem = metagrad.InnerProblem(
+        init=lambda meta: {k: v.detach() for k, v in meta.value("init").items()},
+        optimizer=lambda meta, t: SGD(lr=0.1),
+        inner_loss=inner_loss,
+        outer_loss=lambda p, meta, batch: F.mse_loss(fm(p, qx[0]), qy[0]),
+        inner_batches=lambda t: None,
+        outer_batch=None,
+        steps=steps,
+    )
+    expected = Implicit(solver="cg", iters=60)(problem, meta).grads
+    for (name, g), e in zip(got.items(), expected.values(), strict=True):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=0, msg=name)

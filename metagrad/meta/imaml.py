@@ -28,7 +28,9 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
 
     solved per task with `metagrad.hypergrad.solve_linear` through Hessian-vector products
     (reverse-over-reverse, the support gradient linearized once per task; no Hessian is
-    formed). Memory does not grow with `inner_steps`.
+    formed). This is the `metagrad.hypergrad.Implicit` estimator applied to the proximal inner
+    loss, one task at a time under vmap (the tests check that both give the same gradient).
+    Memory does not grow with `inner_steps`.
     Bias: exact only at the inner optimum and with an exact solve; an unconverged inner loop or
     few solver iterations bias the estimate. The returned value is the mean query loss; its
     gradient is the implicit meta-gradient.
