@@ -143,11 +143,22 @@ def test_plain_sqrt_gives_nan(name, flags, hypers, monkeypatch) -> None:
 
 
 def test_safe_sqrt_values_equal_torch_sqrt() -> None:
-    x = torch.tensor([0.0, 1e-300, 1e-12, 0.25, 2.0, 1e10], dtype=DTYPE)
+    x = torch.tensor([0.0, 5e-324, 1e-300, 1e-12, 0.25, 2.0, 1e10, float("inf")], dtype=DTYPE)
     assert torch.equal(safe_sqrt(x), torch.sqrt(x))
     x32 = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 10
     x32[::7] = 0
+    x32[1] = 1e-45  # smallest float32 subnormal
     assert torch.equal(safe_sqrt(x32), torch.sqrt(x32))
+    assert torch.isnan(safe_sqrt(torch.tensor(float("nan"))))
+
+
+def test_safe_sqrt_of_negative_rounding_noise_is_zero() -> None:
+    """A variance estimate s - a*a can round to a tiny negative number; it gives 0, not NaN."""
+    x = torch.tensor([-1e-17, -1.0], dtype=DTYPE, requires_grad=True)
+    y = safe_sqrt(x)
+    assert torch.equal(y, torch.zeros(2, dtype=DTYPE))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, torch.zeros(2, dtype=DTYPE))
 
 
 def test_safe_sqrt_derivatives() -> None:
@@ -160,3 +171,5 @@ def test_safe_sqrt_derivatives() -> None:
     assert torch.func.grad(safe_sqrt)(torch.tensor(0.0, dtype=DTYPE)) == 0
     _, tangent = torch.func.jvp(safe_sqrt, (x.detach(),), (torch.ones_like(x),))
     assert torch.allclose(tangent, torch.tensor([0.0, 1.0, 0.25], dtype=DTYPE))
+    batched = torch.func.vmap(torch.func.grad(safe_sqrt))(x.detach())
+    assert torch.allclose(batched, torch.tensor([0.0, 1.0, 0.25], dtype=DTYPE))

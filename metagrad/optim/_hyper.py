@@ -116,7 +116,10 @@ def resolve(value: Hyper, arg: str, name: str, param: Tensor) -> float | Tensor:
         ValueError: a mapping misses `name`, or a tensor value is neither 0-d nor shaped like
             the parameter.
     """
-    if isinstance(value, Mapping):
+    # Called for every hyperparameter, parameter and step: the common cases come first.
+    if isinstance(value, (int, float)):
+        return value
+    if not isinstance(value, Tensor):  # a mapping from parameter name to value
         try:
             value = value[name]
         except KeyError:
@@ -124,7 +127,9 @@ def resolve(value: Hyper, arg: str, name: str, param: Tensor) -> float | Tensor:
                 f"{arg} is given per parameter but has no value for parameter '{name}' "
                 f"(it has: {sorted(value)})"
             ) from None
-    if isinstance(value, Tensor) and value.dim() != 0 and value.shape != param.shape:
+        if not isinstance(value, Tensor):
+            return value
+    if value.dim() != 0 and value.shape != param.shape:
         raise ValueError(
             f"{arg} for parameter '{name}' has shape {tuple(value.shape)}, but the parameter has "
             f"shape {tuple(param.shape)}: a per-element hyperparameter must match its parameter"
@@ -137,7 +142,7 @@ def is_zero(value: Hyper) -> bool:
 
     A tensor is never treated as zero: even when its value is 0 its gradient is not.
     """
-    return not isinstance(value, (Tensor, Mapping)) and value == 0
+    return isinstance(value, (int, float)) and value == 0
 
 
 def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> None:
@@ -147,7 +152,9 @@ def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> 
         ValueError: keys differ, a gradient's shape differs from its parameter, or a
             per-parameter hyperparameter names parameters that do not exist.
     """
-    if not isinstance(params, Mapping) or not isinstance(grads, Mapping):
+    if not (isinstance(params, dict) or isinstance(params, Mapping)) or not (
+        isinstance(grads, dict) or isinstance(grads, Mapping)
+    ):
         raise ValueError(
             "params and grads must be mappings from parameter name to tensor, "
             f"got {type(params).__name__} and {type(grads).__name__}"

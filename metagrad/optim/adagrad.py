@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from ._hyper import Hyper, Params, check_params, is_zero, resolve, validate
+from ._ops import add_scaled, sub_scaled_ratio
 from .base import Optimizer, safe_sqrt
 
 __all__ = ["Adagrad", "AdagradState"]
@@ -77,11 +79,12 @@ class Adagrad(Optimizer[AdagradState]):
             g = grads[name]
             wd = resolve(self.weight_decay, "weight_decay", name, p)
             if not is_zero(wd):
-                g = g + wd * p
+                g = add_scaled(g, p, wd)
             lr = resolve(self.lr, "lr", name, p)
             decay = resolve(self.lr_decay, "lr_decay", name, p)
             clr = lr if is_zero(decay) else lr / (1 + (t - 1) * decay)
-            s = state.sum[name] + g * g
+            s = torch.addcmul(state.sum[name], g, g)
             sums[name] = s
-            new_params[name] = p - clr * (g / (safe_sqrt(s) + resolve(self.eps, "eps", name, p)))
+            denom = safe_sqrt(s) + resolve(self.eps, "eps", name, p)
+            new_params[name] = sub_scaled_ratio(p, clr, g, denom)
         return new_params, AdagradState(t, sums)

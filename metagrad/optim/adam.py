@@ -8,6 +8,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from ._hyper import Hyper, Params, check_params, is_zero, resolve, validate
+from ._ops import add_scaled, ema, ema_sq, sub_scaled_ratio
 from .base import Optimizer, safe_sqrt
 
 __all__ = ["Adam", "AdamW", "AdamState"]
@@ -113,9 +114,9 @@ class Adam(Optimizer[AdamState]):
                 if self.decoupled_weight_decay:
                     p = p * (1 - lr * wd)
                 else:
-                    g = g + wd * p
-            m = beta1 * state.exp_avg[name] + (1 - beta1) * g
-            v = beta2 * state.exp_avg_sq[name] + (1 - beta2) * (g * g)
+                    g = add_scaled(g, p, wd)
+            m = ema(state.exp_avg[name], g, beta1)
+            v = ema_sq(state.exp_avg_sq[name], g, beta2)
             exp_avg[name] = m
             exp_avg_sq[name] = v
             if self.amsgrad:
@@ -123,7 +124,7 @@ class Adam(Optimizer[AdamState]):
             bias_correction1 = 1 - beta1**t
             bias_correction2_sqrt = (1 - beta2**t) ** 0.5
             denom = safe_sqrt(v) / bias_correction2_sqrt + eps
-            new_params[name] = p - (lr / bias_correction1) * (m / denom)
+            new_params[name] = sub_scaled_ratio(p, lr / bias_correction1, m, denom)
         return new_params, AdamState(t, exp_avg, exp_avg_sq, max_exp_avg_sq)
 
 

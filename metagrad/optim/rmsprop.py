@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from ._hyper import Hyper, Params, check_params, is_zero, resolve, validate
+from ._ops import add_scaled, ema, ema_sq, sub_scaled_ratio
 from .base import Optimizer, safe_sqrt
 
 __all__ = ["RMSprop", "RMSpropState"]
@@ -87,21 +89,21 @@ class RMSprop(Optimizer[RMSpropState]):
             alpha = resolve(self.alpha, "alpha", name, p)
             wd = resolve(self.weight_decay, "weight_decay", name, p)
             if not is_zero(wd):
-                g = g + wd * p
-            s = alpha * state.square_avg[name] + (1 - alpha) * (g * g)
+                g = add_scaled(g, p, wd)
+            s = ema_sq(state.square_avg[name], g, alpha)
             square_avg[name] = s
             if self.centered:
-                a = alpha * state.grad_avg[name] + (1 - alpha) * g
+                a = ema(state.grad_avg[name], g, alpha)
                 grad_avg[name] = a
-                s = s - a * a
+                s = torch.addcmul(s, a, a, value=-1)
             denom = safe_sqrt(s) + resolve(self.eps, "eps", name, p)
             lr = resolve(self.lr, "lr", name, p)
             if use_momentum:
                 mu = resolve(self.momentum, "momentum", name, p)
-                buf = mu * state.momentum_buffer[name] + g / denom
+                buf = torch.addcdiv(mu * state.momentum_buffer[name], g, denom)
                 momentum_buffer[name] = buf
                 new_params[name] = p - lr * buf
             else:
-                new_params[name] = p - lr * (g / denom)
+                new_params[name] = sub_scaled_ratio(p, lr, g, denom)
         new_state = RMSpropState(state.step + 1, square_avg, grad_avg, momentum_buffer)
         return new_params, new_state

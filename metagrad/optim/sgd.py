@@ -7,6 +7,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from ._hyper import Hyper, Params, check_params, is_zero, resolve, validate
+from ._ops import add_scaled
 from .base import Optimizer
 
 __all__ = ["SGD", "SGDState"]
@@ -77,16 +78,16 @@ class SGD(Optimizer[SGDState]):
             g = grads[name]
             wd = resolve(self.weight_decay, "weight_decay", name, p)
             if not is_zero(wd):
-                g = g + wd * p
+                g = add_scaled(g, p, wd)
             if use_buffer:
                 mu = resolve(self.momentum, "momentum", name, p)
                 if state.step == 0:
                     buf = g
                 else:
                     damp = resolve(self.dampening, "dampening", name, p)
-                    fresh = g if is_zero(damp) else (1 - damp) * g
-                    buf = mu * state.momentum_buffer[name] + fresh
+                    buf = mu * state.momentum_buffer[name]
+                    buf = buf + g if is_zero(damp) else add_scaled(buf, g, 1 - damp)
                 new_buffers[name] = buf
-                g = g + mu * buf if self.nesterov else buf
+                g = add_scaled(g, buf, mu) if self.nesterov else buf
             new_params[name] = p - resolve(self.lr, "lr", name, p) * g
         return new_params, SGDState(step=state.step + 1, momentum_buffer=new_buffers)
