@@ -296,3 +296,13 @@ def test_multi_step_loss_applies_in_training_calls_only():
     plain = MAMLPlusPlus(mlp(), inner_lr=0.1, inner_steps=2)
     assert algo(*data, steps=2).item() == pytest.approx(plain(*data).item(), abs=1e-12)
     assert algo(*data).item() != pytest.approx(plain(*data).item(), abs=1e-6)
+
+
+def test_an_error_of_the_model_itself_is_raised_not_hidden_by_the_fallback(caplog):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).to(DTYPE)  # expects 3 features
+    algo = MAML(model)
+    with caplog.at_level(logging.WARNING, logger="metagrad.meta"):
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            algo(*batch(dim=2))
+    assert not [r for r in caplog.records if r.name == "metagrad.meta"]
+    assert not algo._vmap_failed

@@ -290,7 +290,6 @@ class MetaLearner(nn.Module):
         def fn(bufs: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
             return self.task_loss(plan, bufs, sx, sy, qx, qy)
 
-        losses = None
         if self._use_vmap():
             plan.vectorized = True
             try:
@@ -298,9 +297,13 @@ class MetaLearner(nn.Module):
             except (RuntimeError, NotImplementedError) as err:
                 if self.vectorize is True:
                     raise
+                # An error the loop raises too is the model's, not vmap's: it propagates, and
+                # later calls still try vmap.
+                plan.vectorized = False
+                losses = map_tasks(fn, args, tasks, vectorize=False)
                 self._vmap_failed = True
                 report_fallback(type(self).__name__, err)
-        if losses is None:
+        else:
             plan.vectorized = False
             losses = map_tasks(fn, args, tasks, vectorize=False)
         return losses.mean() if reduction == "mean" else losses
