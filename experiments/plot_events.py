@@ -34,6 +34,14 @@ def read_scalars(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     return out
 
 
+def _ema(values: list[float], weight: float) -> list[float]:
+    out, last = [], values[0]
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
 def plot(
     runs: list[str | Path],
     patterns: list[str],
@@ -41,8 +49,13 @@ def plot(
     labels: list[str] | None = None,
     log_tags: tuple[str, ...] = ("meta/lr*", "*loss*", "schedule/*"),
     xlabels: dict[str, str] | None = None,
+    smooth: float = 0.0,
 ) -> Path:
-    """Draw the tags matching `patterns` for each run and save the figure to `out`."""
+    """Draw the tags matching `patterns` for each run and save the figure to `out`.
+
+    `smooth` in [0, 1) applies TensorBoard-style exponential smoothing to series of more than
+    50 points (0: none).
+    """
     labels = labels or [Path(r).name for r in runs]
     data = [read_scalars(r) for r in runs]
     fig, axes = plt.subplots(1, len(patterns), figsize=(4.2 * len(patterns), 3.4), dpi=110)
@@ -52,6 +65,8 @@ def plot(
         for label, scalars in zip(labels, data, strict=True):
             for tag in sorted(t for t in scalars if fnmatch.fnmatch(t, pattern)):
                 steps, values = scalars[tag]
+                if smooth and len(values) > 50:
+                    values = _ema(values, smooth)
                 name = (
                     label if tag == pattern else f"{label} {tag.removeprefix(pattern.rstrip('*'))}"
                 )
@@ -86,8 +101,11 @@ def main() -> None:
         metavar=("TAG", "LABEL"),
         help="x-axis label of one panel (default: outer step)",
     )
+    parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1)")
     args = parser.parse_args()
-    path = plot(args.runs, args.tags, args.out, args.labels, xlabels=dict(args.xlabel))
+    path = plot(
+        args.runs, args.tags, args.out, args.labels, xlabels=dict(args.xlabel), smooth=args.smooth
+    )
     print(path)
 
 

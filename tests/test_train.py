@@ -220,3 +220,12 @@ def test_checkpoint_is_atomic_and_loads_only_data(tmp_path: Path) -> None:
     torch.save({"x": Evil()}, path)
     with pytest.raises(Exception, match="Weights only load failed"):
         load_checkpoint(path)
+
+
+def test_diverging_inner_loop_is_skipped_then_stops_the_run_with_a_clear_message(
+    tmp_path: Path,
+) -> None:
+    cfg = compose_cfg(*TINY, "inner_optim.lr=1e30", "max_nonfinite=2", "logger=none")
+    with pytest.raises(NonFiniteError, match=r"stopped at outer step 2: 2 outer steps in a row"):
+        train(cfg, run_dir=tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
