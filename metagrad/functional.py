@@ -36,8 +36,9 @@ def inner_grads(
     does not use gets a zero gradient.
 
     Raises:
-        ValueError: `loss` is not a scalar, or a parameter does not require grad (its gradient
-            cannot be recovered from a loss that was already computed).
+        ValueError: `loss` is not a scalar, a parameter does not require grad (its gradient
+            cannot be recovered from a loss that was already computed), or `loss` has no
+            graph at all.
     """
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
@@ -47,6 +48,11 @@ def inner_grads(
         raise ValueError(
             f"parameters {frozen} do not require grad, so the loss has no gradient for them; "
             "compute the loss from params that require grad (p.detach().requires_grad_())"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss does not require grad: it was computed without any of the params "
+            "(or under torch.no_grad()), so it has no gradient with respect to them"
         )
     names = list(params)
     grads = torch.autograd.grad(

@@ -93,6 +93,14 @@ def test_inner_grads_rejects_params_without_grad() -> None:
         metagrad.inner_grads(loss, {"w": w, "frozen": frozen})
 
 
+def test_inner_grads_rejects_a_loss_without_graph() -> None:
+    w = torch.ones(3, requires_grad=True)
+    with torch.no_grad():
+        loss = (w * 2).sum()
+    with pytest.raises(ValueError, match="loss does not require grad"):
+        metagrad.inner_grads(loss, {"w": w})
+
+
 def test_inner_grads_gives_zero_for_unused_params() -> None:
     w = torch.tensor([1.0, 2.0], dtype=DTYPE, requires_grad=True)
     unused = torch.ones(2, 3, dtype=DTYPE, requires_grad=True)
