@@ -107,8 +107,9 @@ def build_online(cfg: DictConfig) -> OnlineJob:
             "loop=online needs a torch.optim-style inner_optim (inner_optim=sgdhd, adamhd or "
             "torch_sgd)"
         )
-    if opt_cfg["hypergrad_lr"] is None:
-        opt_cfg.pop("hypergrad_lr")
+    for key in ("hypergrad_lr", "multiplicative"):  # None: the optimizer has no such argument
+        if opt_cfg.get(key, 0) is None:
+            opt_cfg.pop(key)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(int(cfg.seed), 0, salt=1))
         model = instantiate(plain(cfg.model)).to(task.train.x.dtype)

@@ -178,7 +178,8 @@ class OnlineSGDSchema:
     _partial_: bool = True
     lr: float = 1e-3
     momentum: float = 0.0
-    hypergrad_lr: float | None = 1e-3
+    hypergrad_lr: float | None = 1e-3  # None: a plain optimizer without it (torch.optim.SGD)
+    multiplicative: bool | None = False  # update the lr multiplicatively (it stays positive)
 
     def __post_init__(self) -> None:
         _positive(self, "lr")
@@ -195,6 +196,7 @@ class OnlineAdamSchema:
     _partial_: bool = True
     lr: float = 1e-3
     hypergrad_lr: float | None = 1e-7
+    multiplicative: bool | None = False
 
     def __post_init__(self) -> None:
         _positive(self, "lr")
