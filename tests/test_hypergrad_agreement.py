@@ -1,8 +1,9 @@
 """The exact estimators agree with each other on a small MLP; the biased ones differ.
 
 Inner loop: a 3-5-2 tanh MLP trained for T = 7 steps by SGD with momentum or by Adam, float64.
-Meta-parameters in every scope: scalar, per layer, per element, per step, and a learned
-initialization. `Unrolled` is the reference; `Checkpointed` with segments that divide T and
+Meta-parameters in every scope: scalar, per layer, per element, per step, a learned
+initialization, and a module (a learned weighting of the inner loss, also read by the outer
+loss). `Unrolled` is the reference; `Checkpointed` with segments that divide T and
 that do not, of 1 and of at least T, and `ForwardMode` must match it to 1e-8.
 """
 
@@ -75,6 +76,12 @@ def build(optimizer: str, scope: str):
         meta.add("lr", rates, steps=T, dtype=DT)
         meta.add(second, 0.6, constraint="unit", steps=T, dtype=DT)
         step_arg = True
+    elif scope == "module":
+        # A learned per-example weighting of the inner loss; the outer loss also reads it
+        # directly (a penalty on its weights), so both paths are exercised.
+        meta.add("lr", lr, dtype=DT)
+        torch.manual_seed(3)
+        meta.add_module("weighting", torch.nn.Linear(SIZES[-1], 1).to(DT))
     elif scope == "learned_init":
         meta.add("lr", lr, dtype=DT)
         meta.add("init", p0, constraint=None, scope="per_element", params=p0)
@@ -92,12 +99,25 @@ def build(optimizer: str, scope: str):
             return SGD(lr=rate, momentum=factor)
         return Adam(lr=rate, betas=(factor, 0.99))
 
+    def inner_loss(p, m, b):
+        if scope != "module":
+            return mse(p, b)
+        x, y = b
+        errors = (torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"] - y).pow(2).mean(1)
+        weights = torch.nn.functional.softplus(m.value("weighting")(y)).squeeze(1)
+        return (weights * errors).mean()
+
+    def outer_loss(p, m, b):
+        if scope != "module":
+            return mse(p, b)
+        return mse(p, b) + 0.1 * m.value("weighting").weight.pow(2).sum()
+
     batches, outer = data()
     problem = metagrad.InnerProblem(
         init=init,
         optimizer=make_optimizer,
-        inner_loss=lambda p, m, b: mse(p, b),
-        outer_loss=lambda p, m, b: mse(p, b),
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
         inner_batches=batches,
         outer_batch=outer,
         steps=T,
@@ -112,7 +132,7 @@ def reference(optimizer: str, scope: str):
 
 
 OPTIMIZERS = ["sgd", "adam"]
-SCOPES = ["scalar", "per_layer", "per_element", "per_step", "learned_init"]
+SCOPES = ["scalar", "per_layer", "per_element", "per_step", "learned_init", "module"]
 EXACT = [
     pytest.param(Checkpointed(), id="checkpointed-default"),  # round(sqrt(7)) = 3
     pytest.param(Checkpointed(1), id="checkpointed-1"),
