@@ -126,8 +126,9 @@ def inner_steps(
 
     Args:
         create_graph: differentiate through the inner gradients (second-order terms).
-        track: keep the graph across steps; False detaches params and state after every step
-            (the untracked prefix of truncated methods), so memory stays flat.
+        track: keep the graph across steps; False runs every step from detached params and
+            state and takes the optimizer step without graph (the untracked prefix of
+            truncated methods, the forward pass of checkpointed ones), so memory stays flat.
 
     Raises:
         NonFiniteLossError: the inner loss is NaN or infinite; the message names the step.
