@@ -224,3 +224,24 @@ def test_step_leaves_inputs_unchanged(name, base, flags, requires_grad) -> None:
         assert all(new_params[n] is not params[n] for n in params)
         assert new_state.step == state.step + 1
         params, state = new_params, new_state
+
+
+@pytest.mark.parametrize("name, base, flags", [c[1:] for c in CONFIGS], ids=[c[0] for c in CONFIGS])
+def test_float32_params_with_float64_tensor_hyperparameters(name, base, flags) -> None:
+    """0-d hyperparameter tensors of another dtype work and keep the params' dtype."""
+    params0, batches = make_problem()
+    hypers = {
+        k: tuple(torch.tensor(b, dtype=DTYPE) for b in v)
+        if isinstance(v, tuple)
+        else torch.tensor(v, dtype=DTYPE, requires_grad=True)
+        for k, v in base.items()
+    }
+    opt = getattr(mo, name)(**hypers, **flags)
+    params = {n: p.float().requires_grad_() for n, p in params0.items()}
+    state = opt.init(params)
+    for x, y in batches[:2]:
+        grads = metagrad.inner_grads(loss_fn(params, x.float(), y.float()), params)
+        params, state = opt.step(params, grads, state)
+    assert all(p.dtype == torch.float32 for p in params.values())
+    (lr_grad,) = torch.autograd.grad(sum(p.sum() for p in params.values()), hypers["lr"])
+    assert torch.isfinite(lr_grad) and lr_grad != 0

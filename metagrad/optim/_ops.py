@@ -27,8 +27,11 @@ def add_scaled(x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
 
 
 def ema(avg: Tensor, x: Tensor, beta: float | Tensor) -> Tensor:
-    """`beta * avg + (1 - beta) * x`, computed as torch.optim does (`avg.lerp(x, 1 - beta)`)."""
-    return torch.lerp(avg, x, 1 - beta)
+    """`beta * avg + (1 - beta) * x`, computed as torch.optim does when `beta` is a number."""
+    if _is_number(beta):
+        return torch.lerp(avg, x, 1 - beta)
+    # A tensor beta may differ in dtype or device from avg, which lerp does not allow.
+    return beta * avg + (1 - beta) * x
 
 
 def ema_sq(avg: Tensor, x: Tensor, beta: float | Tensor) -> Tensor:
