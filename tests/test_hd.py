@@ -340,3 +340,10 @@ def test_sgdhd_learns_faster_than_sgd_from_a_poor_learning_rate() -> None:
     assert hd_loss < 0.5 * sgd_loss
     assert mult_loss < 0.5 * sgd_loss
     assert math.isfinite(hd_loss) and math.isfinite(mult_loss)
+
+
+def test_adamhd_learns_faster_than_adam_from_a_poor_learning_rate() -> None:
+    adam_loss, _ = digits_training_loss(lambda p: torch.optim.Adam(p, lr=1e-4))
+    hd_loss, hd_lr = digits_training_loss(lambda p: AdamHD(p, lr=1e-4, hypergrad_lr=1e-5))
+    assert hd_lr > 1e-3
+    assert hd_loss < 0.5 * adam_loss
