@@ -7,7 +7,7 @@ without Hydra's command line (tests do); `main()` is the thin command-line entry
     python -m metagrad.train                              # the default run
     python -m metagrad.train experiment=lr_schedule_digits
     python -m metagrad.train -m hypergrad=unrolled,checkpointed,forward
-    python -m metagrad.train hydra.run.dir=outputs/my_run resume=true
+    python -m metagrad.train hydra.run.dir=outputs/my_run resume=true   # continue a run
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .app.build import build_job, flat_hparams
-from .app.checkpoint import CHECKPOINT_NAME
+from .app.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .app.loop import LoopResult, resume_state, run_loop
+from .app.resume import config_for_resume, config_yaml
 from .app.schema import ConfigError, register_configs, validate
 
 __all__ = ["train", "main", "config_dir"]
@@ -40,14 +41,17 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"metagrad's configs/ folder was not found next to {here}")
 
 
-def _hydra_context() -> tuple[Path | None, dict[str, str]]:
+def _hydra_context() -> tuple[Path | None, dict[str, str], list[str] | None]:
+    """Hydra's output folder, the chosen group options and the keys overridden on the command
+    line (None outside a Hydra run)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return None, {}
+        return None, {}, None
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
-    return Path(hc.runtime.output_dir), choices
+    explicit = [o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task]
+    return Path(hc.runtime.output_dir), choices, explicit
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
@@ -67,7 +71,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
         NonFiniteError: too many non-finite meta-gradients in a row.
     """
     validate(cfg)
-    hydra_dir, choices = _hydra_context()
+    hydra_dir, choices, explicit = _hydra_context()
     run = Path(run_dir) if run_dir is not None else (hydra_dir or Path.cwd())
     run = run.resolve()
     run.mkdir(parents=True, exist_ok=True)
@@ -75,7 +79,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
 
-    job = build_job(cfg)
     ckpt = run / CHECKPOINT_NAME
     start = None
     if cfg.resume:
@@ -84,13 +87,18 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
                 f"resume=true but {run} has no {CHECKPOINT_NAME}; point hydra.run.dir at the "
                 "folder of the run to continue"
             )
-        start = resume_state(ckpt, job)
+        checkpoint = load_checkpoint(ckpt)
+        cfg = config_for_resume(cfg, checkpoint["config"], explicit, run)
+        job = build_job(cfg)
+        start = resume_state(checkpoint, job)
         log.info("resuming %s from outer step %d", run, start["step"])
     elif ckpt.is_file():
         raise FileExistsError(
             f"{run} already holds a checkpoint; pass resume=true to continue that run, or "
             "choose another hydra.run.dir"
         )
+    else:
+        job = build_job(cfg)
 
     logger = _make_logger(cfg, run, start)
     if start is None:
@@ -109,6 +117,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
             max_nonfinite=int(cfg.max_nonfinite),
             progress=bool(progress),
             start=start,
+            checkpoint_extra={"config": config_yaml(cfg)},
         )
         final_tags = {f"final/{k.replace('/', '_')}": v for k, v in result.final.items()}
         logger.hparams(flat_hparams(cfg, choices), final_tags)

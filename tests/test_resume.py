@@ -13,6 +13,7 @@ from _train_utils import compose_cfg, env, metrics, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metagrad.app.checkpoint import load_checkpoint
+from metagrad.app.schema import ConfigError
 from metagrad.train import train
 
 STEPS = 30
@@ -60,7 +61,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert not (killed / "metrics.json").exists()
     assert not list(killed.glob(".*.tmp")), "a temporary checkpoint file was left behind"
 
-    proc = run_train(killed, *RUN, "resume=true")
+    # Only resume=true: the run's own settings come from its checkpoint.
+    proc = run_train(killed, "resume=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming {killed.resolve()} from outer step" in proc.stdout + proc.stderr
 
@@ -80,6 +82,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert [e.value for e in ea.Scalars("outer/loss")] == [
         e.value for e in ref.Scalars("outer/loss")
     ]
+
+    # An override that contradicts the run being continued is refused.
+    with pytest.raises(ConfigError, match=r"these differ: inner_optim.lr: 0.02 -> 0.5"):
+        train(compose_cfg(*RUN, "inner_optim.lr=0.5", "resume=true"), run_dir=killed)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

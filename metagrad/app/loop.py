@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .logger import NullLogger
 
 __all__ = ["Job", "StepOutcome", "LoopResult", "NonFiniteError", "run_loop", "resume_state"]
@@ -88,12 +88,11 @@ class LoopResult:
     initial: dict[str, float] = field(default_factory=dict)
 
 
-def resume_state(path: Path, job: Job) -> dict[str, Any]:
-    """Load a checkpoint into `job`; returns the loop's own counters (`step`, ...)."""
-    ckpt = load_checkpoint(path)
-    job.load_state_dict(ckpt["job"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    return ckpt["loop"]
+def resume_state(checkpoint: Mapping[str, Any], job: Job) -> dict[str, Any]:
+    """Restore `job` from a loaded checkpoint; returns the loop's own counters (`step`, ...)."""
+    job.load_state_dict(checkpoint["job"])
+    torch.set_rng_state(checkpoint["torch_rng"])
+    return dict(checkpoint["loop"])
 
 
 def run_loop(
@@ -107,6 +106,7 @@ def run_loop(
     max_nonfinite: int = 5,
     progress: bool = False,
     start: Mapping[str, Any] | None = None,
+    checkpoint_extra: Mapping[str, Any] | None = None,
 ) -> LoopResult:
     """Run outer steps until `outer_steps`, logging each with the outer step count (1-based).
 
@@ -120,6 +120,7 @@ def run_loop(
         max_nonfinite: stop with `NonFiniteError` after this many skipped steps in a row.
         progress: show a progress bar with the current losses.
         start: loop counters from `resume_state` (None: a fresh run).
+        checkpoint_extra: more plain data to store in every checkpoint (e.g. the config).
 
     Returns:
         The final metrics (`job.evaluate(final=True)`) and counts.
@@ -151,6 +152,7 @@ def run_loop(
             checkpoint_path,
             max_nonfinite,
             progress,
+            checkpoint_extra,
         )
 
 
@@ -165,6 +167,7 @@ def _run(
     checkpoint_path: Path | None,
     max_nonfinite: int,
     progress: bool,
+    checkpoint_extra: Mapping[str, Any] | None,
 ) -> LoopResult:
     first = counters["step"]
     if first == 0:
@@ -213,7 +216,7 @@ def _run(
             and checkpoint_every
             and (step % checkpoint_every == 0 or step == outer_steps)
         ):
-            payload = {"job": job.state_dict(), "loop": dict(counters)}
+            payload = {**(checkpoint_extra or {}), "job": job.state_dict(), "loop": dict(counters)}
             payload["torch_rng"] = torch.get_rng_state()
             save_checkpoint(checkpoint_path, payload)
             logger.flush()
