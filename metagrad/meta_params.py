@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,7 @@ class MetaParameters(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._entries: dict[str, _Entry] = {}
+        self._value_cache: dict[tuple[str, int | None, bool], Any] | None = None
 
     def add(
         self,
@@ -201,8 +203,36 @@ class MetaParameters(nn.Module):
         Returns a 0-d tensor (scalar scope), a dict from parameter name to 0-d tensor
         (per-layer) or to a tensor shaped like the parameter (per-element), or the module
         itself for a module meta-parameter. An entry with `steps` needs `step`, which selects
-        that inner step's value.
+        that inner step's value. Inside `reuse_values()` the same arguments give the same
+        tensors.
         """
+        cache = self._value_cache
+        if cache is None or name not in self._entries:
+            return self._value(name, step)
+        key = (name, step, torch.is_grad_enabled())
+        if key not in cache:
+            cache[key] = self._value(name, step)
+        found = cache[key]
+        return dict(found) if isinstance(found, dict) else found
+
+    @contextmanager
+    def reuse_values(self) -> Iterator[None]:
+        """Within the block, `value(name, step)` computes each value once and reuses it.
+
+        Hypergradient methods wrap one inner run in it: a value read at every inner step is
+        then one node of the autograd graph instead of T (measurably cheaper for long runs),
+        and the gradient is the same. Values computed with grad disabled are kept apart from
+        those computed with it. Each block starts empty and the previous cache (if any) is
+        restored at its end; do not change the stored values inside a block.
+        """
+        previous = self._value_cache
+        self._value_cache = {}
+        try:
+            yield
+        finally:
+            self._value_cache = previous
+
+    def _value(self, name: str, step: int | None) -> Any:
         if name not in self._entries:
             module = getattr(self, name, None) if name in self._modules else None
             if module is not None:

@@ -282,3 +282,37 @@ def test_checkpointed_default_segment_is_about_sqrt_T():
     assert Checkpointed().segment_for(1000) == 32
     assert Checkpointed().segment_for(1) == 1
     assert Checkpointed(50).segment_for(7) == 7
+
+
+def test_reuse_values_caches_per_block_and_grad_mode():
+    p = {"w": torch.zeros(3, dtype=DT), "b": torch.zeros((), dtype=DT)}
+    meta = metagrad.MetaParameters().add("lr", LR, scope="per_layer", params=p, dtype=DT)
+    meta.add("sched", 0.5, constraint="unit", steps=4, dtype=DT)
+    assert meta.value("lr")["w"] is not meta.value("lr")["w"]
+    with meta.reuse_values():
+        first = meta.value("lr")
+        assert meta.value("lr")["w"] is first["w"]
+        assert meta.value("lr") is not first  # a fresh dict each time: callers may edit it
+        assert meta.value("sched", step=1) is meta.value("sched", step=1)
+        assert meta.value("sched", step=1) is not meta.value("sched", step=2)
+        with torch.no_grad():
+            untracked = meta.value("lr")["w"]
+        assert untracked is not first["w"] and not untracked.requires_grad
+        with meta.reuse_values():  # a nested block starts empty and restores the outer one
+            assert meta.value("lr")["w"] is not first["w"]
+        assert meta.value("lr")["w"] is first["w"]
+    assert meta.value("lr")["w"] is not first["w"]
+
+
+def test_inner_loop_reads_meta_values_once_per_run():
+    q = quadratic()
+    meta = metagrad.MetaParameters().add("lr", LR, dtype=DT)
+    reads = []
+
+    def optimizer(m, t):
+        reads.append(m.value("lr"))
+        return SGD(lr=reads[-1])
+
+    Unrolled()(quadratic_problem(q, optimizer, steps=5), meta)
+    # reads[0] builds the initial optimizer state; then one shared value for the 5 steps
+    assert len(reads) == 6 and all(r is reads[1] for r in reads[1:])

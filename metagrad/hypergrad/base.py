@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -136,6 +137,25 @@ def inner_steps(
     params, state, loss = run.params, run.state, run.last_loss
     if not track:
         state = _detach_tree(state)
+    # Meta values read at every step are computed (and later differentiated) once per call.
+    reuse = getattr(meta, "reuse_values", contextlib.nullcontext)
+    with reuse():
+        params, state, loss = _loop(problem, meta, params, state, loss, steps, create_graph, track)
+    if not track:
+        params = {n: p.detach() for n, p in params.items()}
+    return InnerRun(params, state, loss)
+
+
+def _loop(
+    problem: InnerProblem,
+    meta: MetaParameters,
+    params: Params,
+    state: Any,
+    loss: Tensor | None,
+    steps: Iterable[int],
+    create_graph: bool,
+    track: bool,
+) -> tuple[Params, Any, Tensor | None]:
     for t in steps:
         if not track:
             params = as_leaves({n: p.detach() for n, p in params.items()})
@@ -149,9 +169,7 @@ def inner_steps(
             # building one and detaching it).
             with torch.no_grad():
                 params, state = problem.optimizer(meta, t).step(params, grads, state)
-    if not track:
-        params = {n: p.detach() for n, p in params.items()}
-    return InnerRun(params, state, loss)
+    return params, state, loss
 
 
 def meta_gradients(
