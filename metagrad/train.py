@@ -92,6 +92,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
         job = build_job(cfg)
         start = resume_state(checkpoint, job)
         log.info("resuming %s from outer step %d", run, start["step"])
+        if hydra_dir is not None and (run / ".hydra").is_dir():
+            # Hydra just wrote the config composed now; record the one the run continues with.
+            (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     elif ckpt.is_file():
         raise FileExistsError(
             f"{run} already holds a checkpoint; pass resume=true to continue that run, or "
@@ -134,8 +137,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
     }
     (run / "metrics.json").write_text(json.dumps(summary, indent=2))
     log.info("final metrics: %s", json.dumps(result.final))
-    _report(result, learned, run)
+    _report(result, learned, run, _sweep_dir())
     return result
+
+
+def _sweep_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).resolve()
 
 
 def _make_logger(cfg: DictConfig, run: Path, start: dict | None):
@@ -145,7 +157,9 @@ def _make_logger(cfg: DictConfig, run: Path, start: dict | None):
     return make(run_dir=run, purge_step=None if start is None else start["step"] + 1)
 
 
-def _report(result: LoopResult, learned: dict[str, float], run: Path) -> None:
+def _report(
+    result: LoopResult, learned: dict[str, float], run: Path, sweep: Path | None = None
+) -> None:
     f = result.final
     lines = [f"\nfinished {result.steps} outer steps ({result.nonfinite_total} skipped)"]
     shown = "  ".join(f"{k} {v:.4f}" for k, v in f.items())
@@ -157,6 +171,8 @@ def _report(result: LoopResult, learned: dict[str, float], run: Path) -> None:
         lines.append("learned:        " + "  ".join(f"{k}={v:.4g}" for k, v in learned.items()))
     lines.append(f"run folder:     {run}")
     lines.append(f"dashboard:      tensorboard --logdir {run}")
+    if sweep is not None:
+        lines.append(f"whole sweep:    tensorboard --logdir {sweep}")
     print("\n".join(lines), flush=True)
 
 
