@@ -229,3 +229,16 @@ def test_diverging_inner_loop_is_skipped_then_stops_the_run_with_a_clear_message
     with pytest.raises(NonFiniteError, match=r"stopped at outer step 2: 2 outer steps in a row"):
         train(cfg, run_dir=tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_plot_events_draws_a_png_from_the_event_files(e2e_run: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "plot_events.py"
+    spec = importlib.util.spec_from_file_location("plot_events", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scalars = module.read_scalars(e2e_run)
+    assert scalars["outer/loss"][0] == [1, 2, 3, 4]
+    out = module.plot([e2e_run], ["outer/loss", "meta/lr/*"], tmp_path / "plot.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
