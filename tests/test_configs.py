@@ -56,7 +56,9 @@ def test_every_group_has_options_and_a_schema() -> None:
         assert _options(group), group
         for option in _options(group):
             text = (CONFIGS / group / f"{option}.yaml").read_text()
-            assert "- schema_" in text, f"{group}/{option}.yaml does not start from a schema"
+            assert f"- /schema/{group}/" in text, (
+                f"{group}/{option}.yaml does not start from a schema"
+            )
 
 
 @pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])

@@ -1,6 +1,7 @@
 """Structured configs: the types and ranges of every config group, stored in Hydra's ConfigStore.
 
-Each YAML option in `configs/<group>/` starts from one of these schemas (`defaults: [<schema>]`),
+Each YAML option in `configs/<group>/` starts from one of these schemas
+(`defaults: [/schema/<group>/<name>@_here_]`),
 so a wrongly typed override (`hypergrad.steps=abc`) fails when Hydra composes the config, and an
 out-of-range value (`inner_optim.lr=-1`) fails when `validate` builds the dataclasses, before any
 work starts. Library code never sees these objects: the builders turn them into plain arguments.
@@ -488,12 +489,17 @@ _GROUPS: dict[str, dict[str, Any]] = {
 
 
 def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore as `<group>/schema_<name>` (idempotent)."""
+    """Store every schema in Hydra's ConfigStore as `schema/<group>/<name>` (idempotent).
+
+    A YAML option starts from its schema with `- /schema/<group>/<name>@_here_` in its
+    defaults list; keeping the schemas in their own `schema/` groups keeps them out of the
+    option lists users pick from.
+    """
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
     for group, options in _GROUPS.items():
         for name, node in options.items():
-            cs.store(group=group, name=f"schema_{name}", node=node)
+            cs.store(group=f"schema/{group}", name=name, node=node)
 
 
 def validate(cfg: DictConfig) -> None:
