@@ -202,14 +202,9 @@ def _run(
         if step % val_every == 0 or step == outer_steps:
             val = job.evaluate(final=False)
             logger.scalars(val, step)
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in val.items())
-            log.info(
-                "outer step %d/%d: outer/loss %.4g, %s",
-                step,
-                outer_steps,
-                metrics.get("outer/loss", float("nan")),
-                shown,
-            )
+            losses = {k: v for k, v in metrics.items() if k.endswith("/loss")}
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in {**losses, **val}.items())
+            log.info("outer step %d/%d: %s", step, outer_steps, shown)
         counters["step"] = step
         if (
             checkpoint_path is not None
