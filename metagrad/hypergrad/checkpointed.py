@@ -87,11 +87,11 @@ class Checkpointed:
         run = _detached(initial)
         boundaries: list[InnerRun | None] = []
         for b in starts[:-1]:
-            boundaries.append(run)
+            boundaries.append(InnerRun(run.params, run.state))  # not the loss and its graph
             run = inner_steps(
                 problem, meta, run, range(b, b + segment), create_graph=False, track=False
             )
-        boundaries.append(run)
+        boundaries.append(InnerRun(run.params, run.state))
 
         # Backward sweep over the segments, last to first: recompute the segment with graph
         # from its boundary, then one vector-Jacobian product of the adjoint into the
