@@ -47,13 +47,15 @@ def test_non_editable_install_runs_the_default_config_from_another_folder(tmp_pa
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # The installed copy only: a PYTHONPATH pointing at a checkout would shadow it.
+    clean_env = {k: v for k, v in env().items() if k != "PYTHONPATH"}
     where = subprocess.run(
         [str(python), "-c", "import metagrad.train as t; print(t.__file__); print(t.config_dir())"],
         cwd=elsewhere,
         capture_output=True,
         text=True,
         timeout=120,
-        env=env(),
+        env=clean_env,
     )
     module_file, configs = where.stdout.split()
     assert Path(module_file).is_relative_to(venv), module_file
@@ -66,7 +68,7 @@ def test_non_editable_install_runs_the_default_config_from_another_folder(tmp_pa
         capture_output=True,
         text=True,
         timeout=180,
-        env=env(),
+        env=clean_env,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "tensorboard --logdir" in run.stdout
