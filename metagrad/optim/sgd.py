@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from ._hyper import Hyper, Params, check_params, is_zero, resolve, validate
@@ -85,9 +86,17 @@ class SGD(Optimizer[SGDState]):
                     buf = g
                 else:
                     damp = resolve(self.dampening, "dampening", name, p)
-                    buf = mu * state.momentum_buffer[name]
-                    buf = buf + g if is_zero(damp) else add_scaled(buf, g, 1 - damp)
+                    if isinstance(mu, Tensor) and is_zero(damp):
+                        # g + mu * buf in one kernel and one autograd node
+                        buf = torch.addcmul(g, mu, state.momentum_buffer[name])
+                    else:
+                        buf = mu * state.momentum_buffer[name]
+                        buf = buf + g if is_zero(damp) else add_scaled(buf, g, 1 - damp)
                 new_buffers[name] = buf
                 g = add_scaled(g, buf, mu) if self.nesterov else buf
-            new_params[name] = p - resolve(self.lr, "lr", name, p) * g
+            lr = resolve(self.lr, "lr", name, p)
+            if isinstance(lr, Tensor):
+                new_params[name] = torch.addcmul(p, lr, g, value=-1)  # one autograd node
+            else:
+                new_params[name] = p - lr * g
         return new_params, SGDState(step=state.step + 1, momentum_buffer=new_buffers)
