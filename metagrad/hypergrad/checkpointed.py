@@ -51,7 +51,7 @@ class Checkpointed:
 
     Bias: none; the same gradient as `Unrolled` up to floating-point rounding.
     Cost: one inner run without graph plus one with graph and its backward pass, about
-    1.3-1.7x `Unrolled`.
+    1.5-1.7x `Unrolled` (the run without graph costs about as much as plain training).
     Memory: O(T / segment + segment) inner states instead of O(T); with the default segment
     ~sqrt(T), O(sqrt(T)).
 

@@ -71,7 +71,7 @@ class ForwardMode:
 
     Bias: none; the same gradient as `Unrolled` up to floating-point rounding.
     Cost: one inner run with second-order terms per meta-parameter scalar (one direction
-    each). On the digits benchmark one direction costs about 3x `Unrolled` (forward AD in
+    each). On the digits benchmark one direction costs 3-4x `Unrolled` (forward AD in
     PyTorch is slow for operations that mix tensors with and without tangents), so it pays
     off only where memory, not time, is the limit.
     Memory: flat in T (one step's graph plus the params, state and their tangents).
