@@ -78,6 +78,16 @@ def _to_constrained(raw: Tensor, constraint: Constraint) -> Tensor:
     return low + (high - low) * torch.sigmoid(raw)
 
 
+def _default_dtype(init: Any, params: Mapping[str, Tensor] | None) -> torch.dtype:
+    if params:
+        return next(iter(params.values())).dtype
+    values = init.values() if isinstance(init, Mapping) else [init]
+    for v in values:
+        if isinstance(v, Tensor) and v.is_floating_point():
+            return v.dtype
+    return torch.get_default_dtype()
+
+
 def _key(param_name: str) -> str:
     # nn.Module attribute names cannot contain dots; parameter names ("0.weight") do.
     return param_name.replace(".", "__")
@@ -130,7 +140,8 @@ class MetaParameters(nn.Module):
             params: the inner parameters (names and shapes); needed by per-layer and
                 per-element scopes.
             steps: if given, one value per inner step (a schedule of length `steps`).
-            dtype: storage dtype; defaults to that of `params` or torch's default.
+            dtype: storage dtype; defaults to that of `params`, else of a floating-point
+                tensor `init`, else torch's default.
 
         Returns:
             self, so calls can be chained.
@@ -153,7 +164,7 @@ class MetaParameters(nn.Module):
         else:
             names = ()
         if dtype is None:
-            dtype = next(iter(params.values())).dtype if params else torch.get_default_dtype()
+            dtype = _default_dtype(init, params)
         lead = (steps,) if steps is not None else ()
 
         def initial(shape: tuple[int, ...], value: Any, what: str) -> Tensor:

@@ -327,6 +327,16 @@ def test_dtype_follows_params_unless_given():
     assert meta.c.dtype == torch.float64
 
 
+def test_dtype_follows_a_floating_point_tensor_init():
+    meta = metagrad.MetaParameters()
+    meta.add("lam", torch.tensor(0.1, dtype=torch.float64))
+    meta.add("sched", torch.full((4,), 0.5, dtype=torch.float64), constraint="unit", steps=4)
+    meta.add("steps", torch.tensor([1, 2]), steps=2)  # integer values: the default dtype
+    assert meta.lam.dtype == torch.float64
+    assert meta.sched.dtype == torch.float64
+    assert meta.steps.dtype == torch.get_default_dtype()
+
+
 BAD_ADD = [
     pytest.param(dict(name="1lr"), "name", id="name-not-identifier"),
     pytest.param(dict(name="lr-x"), "name", id="name-with-dash"),
