@@ -188,7 +188,9 @@ def zero_unused(grads: dict[str, Tensor | None], named: dict[str, Tensor]) -> di
     unused = [n for n, g in grads.items() if g is None]
     if unused:
         warnings.warn(
-            f"meta-parameters {unused} do not affect the outer loss; their gradient is zero",
+            f"meta-parameters {unused} do not affect the outer loss through the steps this "
+            "method differentiates (a learned init under Truncated or Implicit, for instance); "
+            "their gradient is zero",
             stacklevel=3,
         )
     return {n: torch.zeros_like(named[n]) if g is None else g for n, g in grads.items()}
