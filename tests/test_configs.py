@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from metagrad.app.build import build_job
-from metagrad.app.schema import validate
+from metagrad.app.schema import ConfigError, validate
 from metagrad.train import config_dir
 
 CONFIGS = config_dir()
@@ -37,6 +38,8 @@ NEEDS = {
     ("meta", "metasgd"): FEWSHOT,
     ("meta", "anil"): FEWSHOT,
     ("meta", "mamlpp"): FEWSHOT,
+    ("meta", "reptile"): FEWSHOT,
+    ("meta", "imaml"): FEWSHOT,
     ("meta", "none"): ONLINE,
     ("hypergrad", "implicit"): [*TINY, "meta=l2"],
     ("inner_optim", "adam"): [*TINY, "meta=lr"],
@@ -84,6 +87,77 @@ def test_group_option_composes_instantiates_and_runs_one_step(
     outcome = job.step(0)
     assert outcome.finite, outcome.reason
     assert all(isinstance(v, float) for v in job.evaluate().values())
+
+
+def test_every_fewshot_learner_is_offered() -> None:
+    fewshot = [m for m in _options("meta") if NEEDS.get(("meta", m)) == FEWSHOT]
+    targets = {compose_cfg(*FEWSHOT, f"meta={m}").meta.algo._target_ for m in fewshot}
+    assert targets == {
+        f"metagrad.meta.{name}"
+        for name in ("MAML", "MetaSGD", "ANIL", "MAMLPlusPlus", "Reptile", "iMAML")
+    }
+
+
+def test_learner_schemas_hold_only_their_constructor_arguments() -> None:
+    reptile = compose_cfg(*FEWSHOT, "meta=reptile").meta
+    imaml = compose_cfg(*FEWSHOT, "meta=imaml").meta
+    assert "first_order" not in reptile.algo and "lr_outer_lr" not in reptile
+    assert {"lam", "solver", "solver_iters", "damping", "step_size"} <= set(imaml.algo)
+    assert "first_order" not in imaml.algo and "lr_outer_lr" not in imaml
+    assert "first_order" in compose_cfg(*FEWSHOT, "meta=maml").meta.algo
+
+
+# A bad value of each few-shot learner fails when the config is checked, naming the key.
+BAD_LEARNER_VALUES = [
+    ("maml", "meta.algo.inner_lr=0", "meta.algo.inner_lr must be > 0, got 0.0"),
+    ("reptile", "meta.algo.inner_steps=0", "meta.algo.inner_steps must be > 0, got 0"),
+    ("reptile", "meta.algo.vectorize=sometimes", "meta.algo.vectorize must be auto, true or"),
+    ("imaml", "meta.algo.lam=0", "meta.algo.lam must be > 0, got 0.0"),
+    ("imaml", "meta.algo.lam=-1", "meta.algo.lam must be > 0, got -1.0"),
+    ("imaml", "meta.algo.solver=lu", "meta.algo.solver must be one of ('cg', 'neumann', "),
+    ("imaml", "meta.algo.solver_iters=0", "meta.algo.solver_iters must be > 0, got 0"),
+    ("imaml", "meta.algo.damping=-0.5", "meta.algo.damping must be >= 0, got -0.5"),
+    ("imaml", "meta.algo.step_size=0", "meta.algo.step_size must be > 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize(
+    "option, override, message",
+    BAD_LEARNER_VALUES,
+    ids=[
+        f"{o}-{v.split('=')[0].rsplit('.', 1)[1]}={v.split('=')[1]}"
+        for o, v, _ in BAD_LEARNER_VALUES
+    ],
+)
+def test_bad_learner_value_fails_when_checked(option: str, override: str, message: str) -> None:
+    cfg = compose_cfg(*FEWSHOT, f"meta={option}", override)
+    with pytest.raises(ConfigError, match=re.escape(f"Invalid config: {message}")):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "option, override",
+    [
+        ("reptile", "meta.algo.first_order=true"),
+        ("reptile", "meta.lr_outer_lr=0.01"),
+        ("imaml", "meta.algo.first_order=true"),
+        ("imaml", "meta.algo.lam=strong"),
+    ],
+    ids=[
+        "reptile-first_order",
+        "reptile-lr_outer_lr",
+        "imaml-first_order",
+        "imaml-lam-not-a-number",
+    ],
+)
+def test_key_a_learner_does_not_take_or_mistyped_value_fails_to_compose(
+    option: str, override: str
+) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    key = override.split("=")[0]
+    with pytest.raises(ConfigCompositionException, match=re.escape(key)):
+        compose_cfg(*FEWSHOT, f"meta={option}", override)
 
 
 EXPERIMENTS = _options("experiment")

@@ -273,16 +273,21 @@ def meta_entry(entry: Any) -> MetaEntrySchema:
     return MetaEntrySchema(**entry)
 
 
-@dataclass
-class MetaAlgoSchema:
-    """A learner from `metagrad.meta`; the model and inner optimizer are passed in by the app."""
+SOLVERS = ("cg", "neumann", "fixed_point")
 
-    _target_: str = "metagrad.meta.MAML"
+
+@dataclass
+class LearnerSchema:
+    """What every learner from `metagrad.meta` takes; the app passes the model and inner optimizer.
+
+    One subclass per constructor family, each checking its own ranges.
+    """
+
+    _target_: str = MISSING
     _partial_: bool = True
     loss_fn: str = "mse"
     inner_lr: float = 0.01
     inner_steps: int = 1
-    first_order: bool = False
     vectorize: Any = "auto"
 
     def __post_init__(self) -> None:
@@ -294,10 +299,51 @@ class MetaAlgoSchema:
 
 
 @dataclass
-class FewShotMetaSchema:
+class MAMLLearnerSchema(LearnerSchema):
+    """MAML, MetaSGD, ANIL, MAMLPlusPlus: learners that differentiate the inner trajectory."""
+
+    _target_: str = "metagrad.meta.MAML"
+    first_order: bool = False
+
+
+@dataclass
+class ReptileLearnerSchema(LearnerSchema):
+    """Reptile: first order by construction, so it has no `first_order`."""
+
+    _target_: str = "metagrad.meta.Reptile"
+    inner_steps: int = 5
+
+
+@dataclass
+class IMAMLLearnerSchema(LearnerSchema):
+    """iMAML: a proximally regularized inner problem, differentiated implicitly."""
+
+    _target_: str = "metagrad.meta.iMAML"
+    inner_steps: int = 10
+    lam: float = 1.0  # proximal strength
+    solver: str = "cg"
+    solver_iters: int = 10
+    damping: float = 0.0
+    step_size: float = 0.1  # of the neumann and fixed_point solvers
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "lam", "solver_iters", "step_size")
+        _non_negative(self, "damping")
+        _check(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver}")
+
+
+@dataclass
+class LearnerMetaSchema:
     """A meta-learning algorithm from `metagrad.meta` (its model and loss come from the task)."""
 
     algo: Any = MISSING
+
+
+@dataclass
+class FewShotMetaSchema(LearnerMetaSchema):
+    """A learner of the MAML family; Meta-SGD and MAML++ also learn inner learning rates."""
+
     lr_outer_lr: float | None = (
         None  # outer lr of learned inner lrs (Meta-SGD); None: outer_optim.lr
     )
@@ -472,7 +518,9 @@ _GROUPS: dict[str, dict[str, Any]] = {
     },
     "meta": {
         "hpo": HPOMetaSchema,
-        "fewshot": FewShotMetaSchema(algo=MetaAlgoSchema()),
+        "fewshot": FewShotMetaSchema(algo=MAMLLearnerSchema()),  # the MAML family
+        "reptile": LearnerMetaSchema(algo=ReptileLearnerSchema()),
+        "imaml": LearnerMetaSchema(algo=IMAMLLearnerSchema()),
         "none": NoMetaSchema,
     },
     "hypergrad": {
