@@ -184,6 +184,13 @@ def test_experiment_preset_composes_and_builds(name: str) -> None:
     assert job.step(0).finite
 
 
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_preset_composes_without_event_files(name: str) -> None:
+    cfg = compose_cfg(f"experiment={name}", "logger=none")
+    validate(cfg)
+    assert cfg.logger._target_.endswith("NullLogger")
+
+
 def test_default_run_learns_per_layer_lr_and_momentum_with_unrolled() -> None:
     cfg = compose_cfg()
     assert cfg.loop == "hpo"

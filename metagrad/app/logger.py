@@ -15,7 +15,16 @@ __all__ = ["TensorBoardLogger", "NullLogger", "Logger"]
 class NullLogger:
     """A logger that keeps nothing (the console and Hydra's log file still report the run)."""
 
-    def __init__(self, run_dir: str | Path | None = None, purge_step: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path | None = None,
+        purge_step: int | None = None,
+        flush_secs: int = 10,
+        histogram_every: int = 10,
+        figure_every: int = 50,
+    ) -> None:
+        # The intervals are `TensorBoardLogger`'s; accepted so that a config written for it
+        # also runs without event files.
         self.run_dir = Path(run_dir) if run_dir is not None else None
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:

@@ -465,8 +465,14 @@ class TensorBoardSchema:
 
 @dataclass
 class NullLoggerSchema:
+    """No event files. Takes the TensorBoard logger's intervals (and ignores them), so a preset
+    that tunes them also runs with `logger=none`."""
+
     _target_: str = "metagrad.app.logger.NullLogger"
     _partial_: bool = True
+    flush_secs: int = 10
+    histogram_every: int = 10
+    figure_every: int = 50
 
 
 # ----------------------------------------------------------------------------- the whole run
