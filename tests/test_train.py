@@ -242,3 +242,30 @@ def test_plot_events_draws_a_png_from_the_event_files(e2e_run: Path, tmp_path: P
     assert scalars["outer/loss"][0] == [1, 2, 3, 4]
     out = module.plot([e2e_run], ["outer/loss", "meta/lr/*"], tmp_path / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adam_betas_are_learned_as_beta1_and_beta2() -> None:
+    cfg = compose_cfg(
+        *TINY,
+        "inner_optim=adam",
+        "meta=lr",
+        "+meta.learn.beta1={init:0.8,constraint:unit}",
+        "+meta.learn.beta2={constraint:unit}",  # init: the configured 0.999
+    )
+    validate(cfg)
+    job = build_job(cfg)
+    before = job.meta_scalars()
+    assert before["meta/beta1"] == pytest.approx(0.8)
+    assert before["meta/beta2"] == pytest.approx(0.999)
+    betas = job.optimizer(job.meta, 0).betas
+    assert all(b.requires_grad for b in betas), "both betas come from the meta-parameters"
+    assert job.step(0).finite
+    after = job.meta_scalars()
+    assert after["meta/beta1"] != before["meta/beta1"], "the outer step moved beta1"
+    assert after["meta/beta2"] != before["meta/beta2"], "the outer step moved beta2"
+
+
+def test_a_beta_needs_the_unit_constraint() -> None:
+    cfg = compose_cfg(*TINY, "inner_optim=adam", "meta=lr", "+meta.learn.beta1={init:0.9}")
+    with pytest.raises(ConfigError, match=re.escape("meta.learn.beta1: needs constraint: unit")):
+        build_job(cfg)

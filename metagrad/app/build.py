@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..meta_params import MetaParameters
-from .hpo import LOSS_HYPERS, HPOJob, LearnedHyper, mix_seed
+from .hpo import BETA_NAMES, LOSS_HYPERS, HPOJob, LearnedHyper, configured_betas, mix_seed
 from .schema import ConfigError, meta_entry
 
 __all__ = ["build_job", "flat_hparams"]
@@ -62,7 +62,9 @@ def build_hpo(cfg: DictConfig) -> HPOJob:
             for n, p in instantiate(model_cfg).named_parameters()
         }
     known = getattr(make_optimizer.func, "hyperparameter_names", tuple(make_optimizer.keywords))
-    # Flags and pairs cannot be learned as one value each.
+    # Flags cannot be learned; a `betas` pair is learned as `beta1` and `beta2`.
+    if "betas" in known:
+        known = (*known, *BETA_NAMES)
     known = tuple(k for k in known if k not in _NOT_LEARNABLE)
     meta = MetaParameters()
     learned = {}
@@ -77,7 +79,17 @@ def build_hpo(cfg: DictConfig) -> HPOJob:
                 f"hyperparameter '{name}' (it has {list(known)}; the inner loss has "
                 f"{list(LOSS_HYPERS)})"
             )
-        init = entry.init if entry.init is not None else make_optimizer.keywords.get(name)
+        if name in BETA_NAMES and entry.constraint != "unit":
+            raise ConfigError(
+                f"meta.learn.{name}: needs constraint: unit (a beta lies in [0, 1)), "
+                f"got {entry.constraint}"
+            )
+        init = entry.init
+        if init is None:
+            if name in BETA_NAMES:
+                init = configured_betas(make_optimizer)[BETA_NAMES.index(name)]
+            else:
+                init = make_optimizer.keywords.get(name)
         constraint = None if entry.constraint == "none" else entry.constraint
         try:
             meta.add(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,14 +19,26 @@ from ..problem import InnerProblem
 from .data import DigitsTask
 from .loop import StepOutcome
 
-__all__ = ["HPOJob", "LearnedHyper", "mix_seed", "LOSS_HYPERS"]
+__all__ = ["HPOJob", "LearnedHyper", "mix_seed", "LOSS_HYPERS", "BETA_NAMES", "configured_betas"]
 
 # Learnable hyperparameters of the inner loss rather than of the optimizer: `l2` adds
 # 0.5 * l2 * ||w||^2 (per layer or per element with those scopes) to the training loss. The
 # implicit estimator sees only these.
 LOSS_HYPERS = ("l2",)
 
+# The two coefficients of an Adam-family `betas` pair, learned as separate entries.
+BETA_NAMES = ("beta1", "beta2")
+
 Params = dict[str, Tensor]
+
+
+def configured_betas(make_optimizer: Callable[..., Optimizer]) -> tuple[float, float]:
+    """The `betas` a partial optimizer constructor was configured with (or its default)."""
+    betas = getattr(make_optimizer, "keywords", {}).get("betas")
+    if betas is None:
+        func = getattr(make_optimizer, "func", make_optimizer)
+        betas = inspect.signature(func).parameters["betas"].default
+    return float(betas[0]), float(betas[1])
 
 
 def mix_seed(seed: int, index: int, salt: int = 0) -> int:
@@ -108,6 +121,11 @@ class HPOJob:
             # A schedule longer runs (eval_steps > steps) keep its last value.
             step = min(t, self.steps - 1) if spec.per_step else None
             values[name] = meta.value(name, step=step)
+        if any(b in values for b in BETA_NAMES):
+            fixed = configured_betas(self.make_optimizer)
+            values["betas"] = tuple(
+                values.pop(b, f) for b, f in zip(BETA_NAMES, fixed, strict=True)
+            )
         return self.make_optimizer(**values)
 
     def loss(self, params: Params, meta: MetaParameters, batch: tuple[Tensor, Tensor]) -> Tensor:
