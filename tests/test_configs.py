@@ -160,6 +160,13 @@ def test_key_a_learner_does_not_take_or_mistyped_value_fails_to_compose(
         compose_cfg(*FEWSHOT, f"meta={option}", override)
 
 
+def test_key_added_with_plus_that_a_learner_does_not_take_is_refused_by_name() -> None:
+    # `+` bypasses the schema; the builder still names the key instead of a TypeError.
+    cfg = compose_cfg(*FEWSHOT, "meta=reptile", "+meta.algo.first_order=true")
+    with pytest.raises(ConfigError, match=re.escape("meta.algo: Reptile takes no ['first_order']")):
+        build_job(cfg)
+
+
 EXPERIMENTS = _options("experiment")
 
 

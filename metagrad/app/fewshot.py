@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -161,6 +162,17 @@ class FewShotJob:
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
 
 
+def _check_arguments(make: functools.partial, key: str) -> None:
+    """Refuse config keys the target does not take (e.g. one added with `+`) by name."""
+    parameters = inspect.signature(make.func).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(make.keywords) - set(parameters))
+    if unknown:
+        takes = [n for n in parameters if n not in ("self", "model", "inner_optim")]
+        raise ConfigError(f"{key}: {make.func.__name__} takes no {unknown} (it takes {takes})")
+
+
 def build_fewshot(cfg: DictConfig) -> FewShotJob:
     """Task, model, meta-learner (`meta.algo`) and outer optimizer of a few-shot run."""
     if "algo" not in cfg.meta:
@@ -176,7 +188,9 @@ def build_fewshot(cfg: DictConfig) -> FewShotJob:
         model = instantiate(plain(cfg.model)).to(task.dtype)
     inner = plain(cfg.inner_optim)
     inner.pop("lr", None)  # the learner passes its own inner_lr
-    algo = instantiate(plain(cfg.meta.algo))(model=model, inner_optim=instantiate(inner))
+    make_algo = instantiate(plain(cfg.meta.algo))
+    _check_arguments(make_algo, "meta.algo")
+    algo = make_algo(model=model, inner_optim=instantiate(inner))
     lr_lr = cfg.meta.get("lr_outer_lr")
     log_lr = getattr(algo, "log_lr", None)
     if log_lr is not None and lr_lr is not None:
