@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._hyper import validate
+
 __all__ = ["SGDHD", "AdamHD"]
 
 
@@ -46,13 +48,7 @@ def _check(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {arg}: expected a number, got {type(value).__name__}")
-    above = high is not None and (value >= high if high_open else value > high)
-    if not value >= low or above:
-        if high is None:
-            allowed = f">= {low}"
-        else:
-            allowed = f"in [{low}, {high})" if high_open else f"in [{low}, {high}]"
-        raise ValueError(f"Invalid {arg}: {value} (must be {allowed})")
+    validate(value, arg, low, high, high_open)
 
 
 def _check_hd(lr: float, hypergrad_lr: float, multiplicative: bool) -> None:
@@ -97,7 +93,31 @@ def _grads(group: dict[str, Any], name: str) -> tuple[list[Tensor], list[Tensor]
     return params, grads
 
 
-class SGDHD(torch.optim.Optimizer):
+class _HypergradientDescent(torch.optim.Optimizer):
+    """The step shared by SGD-HD and Adam-HD: adapt each group's lr, then `_update` with it."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Adapt each group's learning rate, then update its parameters with it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = _grads(group, type(self).__name__)
+            directions = [self.state[p].get("direction") for p in params]
+            group["lr"] = _adapted_lr(group, grads, directions)
+            for p, g in zip(params, grads, strict=True):
+                # The direction per unit learning rate, kept for the next step's hypergradient.
+                self.state[p]["direction"] = self._update(group, p, g, self.state[p])
+        return loss
+
+    def _update(self, group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any]) -> Tensor:
+        """Move `p` in place with `group["lr"]`; return the update direction per unit lr."""
+        raise NotImplementedError
+
+
+class SGDHD(_HypergradientDescent):
     r"""SGD whose learning rate adapts online by hypergradient descent (SGD-HD).
 
     With :math:`g_t` the gradient (plus weight decay) and :math:`b_t` the momentum buffer of
@@ -150,34 +170,21 @@ class SGDHD(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Adapt each group's learning rate, then update its parameters with it."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = _grads(group, "SGDHD")
-            directions = [self.state[p].get("direction") for p in params]
-            lr = group["lr"] = _adapted_lr(group, grads, directions)
-            mu, damp = group["momentum"], group["dampening"]
-            for p, g in zip(params, grads, strict=True):
-                state = self.state[p]
-                d = g
-                if mu != 0:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = g.clone()
-                    else:
-                        buf.mul_(mu).add_(g, alpha=1 - damp)
-                    d = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                p.add_(d, alpha=-lr)
-                state["direction"] = d.neg()
-        return loss
+    def _update(self, group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any]) -> Tensor:
+        mu = group["momentum"]
+        d = g
+        if mu != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.clone()
+            else:
+                buf.mul_(mu).add_(g, alpha=1 - group["dampening"])
+            d = g.add(buf, alpha=mu) if group["nesterov"] else buf
+        p.add_(d, alpha=-group["lr"])
+        return d.neg()
 
 
-class AdamHD(torch.optim.Optimizer):
+class AdamHD(_HypergradientDescent):
     r"""Adam whose learning rate adapts online by hypergradient descent (Adam-HD).
 
     With Adam's bias-corrected moments :math:`\hat m_t, \hat v_t` (exactly as
@@ -228,31 +235,18 @@ class AdamHD(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Adapt each group's learning rate, then take an Adam step with it."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = _grads(group, "AdamHD")
-            directions = [self.state[p].get("direction") for p in params]
-            lr = group["lr"] = _adapted_lr(group, grads, directions)
-            beta1, beta2 = group["betas"]
-            for p, g in zip(params, grads, strict=True):
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bias_correction1 = 1 - beta1**t
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-                p.addcdiv_(m, denom, value=-lr / bias_correction1)
-                state["direction"] = (m / denom).div_(-bias_correction1)
-        return loss
+    def _update(self, group: dict[str, Any], p: Tensor, g: Tensor, state: dict[str, Any]) -> Tensor:
+        beta1, beta2 = group["betas"]
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias_correction1 = 1 - beta1**t
+        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+        p.addcdiv_(m, denom, value=-group["lr"] / bias_correction1)
+        return (m / denom).div_(-bias_correction1)
