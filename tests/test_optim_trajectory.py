@@ -131,6 +131,13 @@ def torch_optimizer(name: str, kwargs: dict, form: str, modules: list[torch.nn.P
     return opt
 
 
+def grads_at(params: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Plain gradients of the loss at `params` (no graph into the earlier steps)."""
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    grads = torch.autograd.grad(loss_fn(leaves, x, y), list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True))
+
+
 def max_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-300)) for n in b)
 
@@ -156,15 +163,7 @@ def test_follows_torch_optim(name: str, kwargs: dict, form: str) -> None:
         loss_fn(ref, x, y).backward()
         ref_opt.step()
 
-        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-        grads = dict(
-            zip(
-                leaves,
-                torch.autograd.grad(loss_fn(leaves, x, y), list(leaves.values())),
-                strict=True,
-            )
-        )
-        params, state = opt.step(params, grads, state)
+        params, state = opt.step(params, grads_at(params, x, y), state)
 
         expected = {n: p.detach() for n, p in ref.items()}
         err = max_rel_err(params, expected)
@@ -187,13 +186,5 @@ def test_trajectory_check_detects_a_wrong_hyperparameter() -> None:
         ref_opt.zero_grad()
         loss_fn(ref, x, y).backward()
         ref_opt.step()
-        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
-        grads = dict(
-            zip(
-                leaves,
-                torch.autograd.grad(loss_fn(leaves, x, y), list(leaves.values())),
-                strict=True,
-            )
-        )
-        params, state = opt.step(params, grads, state)
+        params, state = opt.step(params, grads_at(params, x, y), state)
     assert max_rel_err(params, {n: p.detach() for n, p in ref.items()}) > RTOL
