@@ -22,6 +22,7 @@ __all__ = [
     "HypergradResult",
     "NonFiniteLossError",
     "InnerRun",
+    "detach_tree",
     "start",
     "inner_steps",
     "meta_gradients",
@@ -106,11 +107,12 @@ def start(problem: InnerProblem, meta: MetaParameters, *, track: bool = True) ->
     params = as_leaves(params)
     state = problem.optimizer(meta, 0).init(params)
     if not track:
-        state = _detach_tree(state)
+        state = detach_tree(state)
     return InnerRun(params, state)
 
 
-def _detach_tree(tree: Any) -> Any:
+def detach_tree(tree: Any) -> Any:
+    """`tree` (params, optimizer state, or both) with every tensor detached."""
     return torch.utils._pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, tree)
 
 
@@ -136,7 +138,7 @@ def inner_steps(
     """
     params, state, loss = run.params, run.state, run.last_loss
     if not track:
-        state = _detach_tree(state)
+        state = detach_tree(state)
     # Meta values read at every step are computed (and later differentiated) once per call.
     reuse = getattr(meta, "reuse_values", contextlib.nullcontext)
     with reuse():

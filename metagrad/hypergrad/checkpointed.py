@@ -12,7 +12,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
-from .base import HypergradResult, InnerRun, finish, inner_steps, start, zero_unused
+from .base import (
+    HypergradResult,
+    InnerRun,
+    detach_tree,
+    finish,
+    inner_steps,
+    start,
+    zero_unused,
+)
 
 __all__ = ["Checkpointed"]
 
@@ -23,9 +31,7 @@ def _flat(run: InnerRun) -> tuple[list[Any], Any]:
 
 
 def _detached(run: InnerRun) -> InnerRun:
-    leaves, spec = _flat(run)
-    leaves = [x.detach() if isinstance(x, Tensor) else x for x in leaves]
-    params, state = tree_unflatten(leaves, spec)
+    params, state = detach_tree((run.params, run.state))
     return InnerRun(params, state, run.last_loss)
 
 
