@@ -6,7 +6,7 @@ the meta-batch, `backward()` into the initial weights, and zeroing the gradients
 
 Contestants, timed in the same process, interleaved round by round (medians reported):
 
-* metagrad: `metagrad.meta.MAML(..., vectorize=True)`, and `vectorize=False` (its loop);
+* metagrad: `metagrad.learners.MAML(..., vectorize=True)`, and `vectorize=False` (its loop);
 * hand-written sequential: a Python loop over tasks with `torch.func.functional_call` and
   `torch.autograd.grad(create_graph=True)`;
 * hand-written vmap: `torch.func.vmap` over tasks of a function that takes inner gradients
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad.meta import MAML
+from metagrad.learners import MAML
 from metagrad.tasks import SinusoidTasks
 
 TASKS, SHOTS, STEPS, LR = 25, 10, 5, 0.01

@@ -1,13 +1,14 @@
 """metagrad: differentiable optimizers and exact hypergradients for PyTorch."""
 
-from . import meta, optim, tasks
+from . import learners, online, optim, tasks
 from .functional import Functional, differentiable_step, inner_grads
 from .meta_params import MetaParameters
 from .problem import InnerProblem
 
 __all__ = [
     "optim",
-    "meta",
+    "learners",
+    "online",
     "tasks",
     "Functional",
     "differentiable_step",

@@ -93,7 +93,7 @@ def test_every_fewshot_learner_is_offered() -> None:
     fewshot = [m for m in _options("meta") if NEEDS.get(("meta", m)) == FEWSHOT]
     targets = {compose_cfg(*FEWSHOT, f"meta={m}").meta.algo._target_ for m in fewshot}
     assert targets == {
-        f"metagrad.meta.{name}"
+        f"metagrad.learners.{name}"
         for name in ("MAML", "MetaSGD", "ANIL", "MAMLPlusPlus", "Reptile", "iMAML")
     }
 

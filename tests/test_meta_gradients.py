@@ -1,4 +1,4 @@
-"""Meta-gradients of metagrad.meta: vmap equals the loop, closed forms, finite differences."""
+"""Meta-gradients of metagrad.learners: vmap equals the loop, closed forms, finite differences."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metagrad
-from metagrad.meta import ANIL, MAML, MAMLPlusPlus, MetaSGD, Reptile, iMAML
+from metagrad.learners import ANIL, MAML, MAMLPlusPlus, MetaSGD, Reptile, iMAML
 from metagrad.optim import SGD, Adam
 
 DTYPE = torch.float64

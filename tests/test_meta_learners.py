@@ -1,4 +1,4 @@
-"""metagrad.meta: bad input, BatchNorm, the vmap fallback, test-time adaptation."""
+"""metagrad.learners: bad input, BatchNorm, the vmap fallback, test-time adaptation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad.meta import ANIL, MAML, MAMLPlusPlus, MetaSGD, Reptile, iMAML
+from metagrad.learners import ANIL, MAML, MAMLPlusPlus, MetaSGD, Reptile, iMAML
 from metagrad.optim import Adam
 
 DTYPE = torch.float64
@@ -118,10 +118,10 @@ def test_batchnorm_second_order_falls_back_to_the_loop_with_one_message(caplog):
     data = batch()
     auto = MAML(bn_model(), inner_lr=0.1, inner_steps=2)
     looped = MAML(bn_model(), inner_lr=0.1, inner_steps=2, vectorize=False)
-    with caplog.at_level(logging.WARNING, logger="metagrad.meta"):
+    with caplog.at_level(logging.WARNING, logger="metagrad.learners"):
         first = grads_of(auto, data)
         grads_of(auto, data)
-    messages = [r.getMessage() for r in caplog.records if r.name == "metagrad.meta"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "metagrad.learners"]
     assert len(messages) == 1 and "BatchNorm1d" in messages[0] and "one at a time" in messages[0]
     for a, b in zip(first, grads_of(looped, data), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
@@ -176,10 +176,10 @@ def test_unbatchable_model_falls_back_once_with_the_same_numbers(caplog):
     auto = MAML(DataDependent(), inner_lr=0.1, inner_steps=2)
     torch.manual_seed(0)
     looped = MAML(DataDependent(), inner_lr=0.1, inner_steps=2, vectorize=False)
-    with caplog.at_level(logging.WARNING, logger="metagrad.meta"):
+    with caplog.at_level(logging.WARNING, logger="metagrad.learners"):
         first = grads_of(auto, data)
         grads_of(auto, data)
-    messages = [r.getMessage() for r in caplog.records if r.name == "metagrad.meta"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "metagrad.learners"]
     assert len(messages) == 1 and "torch.func.vmap" in messages[0]
     for a, b in zip(first, grads_of(looped, data), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
@@ -301,8 +301,8 @@ def test_multi_step_loss_applies_in_training_calls_only():
 def test_an_error_of_the_model_itself_is_raised_not_hidden_by_the_fallback(caplog):
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).to(DTYPE)  # expects 3 features
     algo = MAML(model)
-    with caplog.at_level(logging.WARNING, logger="metagrad.meta"):
+    with caplog.at_level(logging.WARNING, logger="metagrad.learners"):
         with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
             algo(*batch(dim=2))
-    assert not [r for r in caplog.records if r.name == "metagrad.meta"]
+    assert not [r for r in caplog.records if r.name == "metagrad.learners"]
     assert not algo._vmap_failed

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metagrad.meta import MAML, MetaLearner, MetaSGD
+from metagrad.learners import MAML, MetaLearner, MetaSGD
 from metagrad.tasks import SinusoidTasks
 
 HERE = Path(__file__).resolve().parent

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ..meta import MetaLearner
+from ..learners import MetaLearner
 from ..tasks import SinusoidTasks, TaskBatch
 from .hpo import mix_seed
 from .loop import StepOutcome
@@ -74,7 +74,7 @@ class FewShotJob:
 
     Args:
         task: the task distribution.
-        algo: a `metagrad.meta` learner; its parameters are the meta-parameters.
+        algo: a `metagrad.learners` learner; its parameters are the meta-parameters.
         outer_optimizer: a torch.optim optimizer over `algo.parameters()`.
         seed: the run's seed.
     """

@@ -1,7 +1,7 @@
 """Online hyperparameter adaptation during ordinary training (`loop=online`), e.g. SGD-HD.
 
 One outer step is one training step of a stock `torch.optim`-style optimizer on a real model;
-hypergradient-descent optimizers (`metagrad.optim.SGDHD`, `AdamHD`) adapt their learning rate
+hypergradient-descent optimizers (`metagrad.online.SGDHD`, `AdamHD`) adapt their learning rate
 as they go, and the loop logs it under `meta/lr`.
 """
 

@@ -175,7 +175,7 @@ class AdagradSchema:
 class OnlineSGDSchema:
     """A stock `torch.optim`-style optimizer for the online loop (SGD, or SGD-HD)."""
 
-    _target_: str = "metagrad.optim.SGDHD"
+    _target_: str = "metagrad.online.SGDHD"
     _partial_: bool = True
     lr: float = 1e-3
     momentum: float = 0.0
@@ -193,7 +193,7 @@ class OnlineSGDSchema:
 
 @dataclass
 class OnlineAdamSchema:
-    _target_: str = "metagrad.optim.AdamHD"
+    _target_: str = "metagrad.online.AdamHD"
     _partial_: bool = True
     lr: float = 1e-3
     hypergrad_lr: float | None = 1e-7
@@ -278,7 +278,7 @@ SOLVERS = ("cg", "neumann", "fixed_point")
 
 @dataclass
 class LearnerSchema:
-    """What every learner from `metagrad.meta` takes; the app passes the model and inner optimizer.
+    """What every learner from `metagrad.learners` takes; the app passes the model and inner optimizer.
 
     One subclass per constructor family, each checking its own ranges.
     """
@@ -302,7 +302,7 @@ class LearnerSchema:
 class MAMLLearnerSchema(LearnerSchema):
     """MAML, MetaSGD, ANIL, MAMLPlusPlus: learners that differentiate the inner trajectory."""
 
-    _target_: str = "metagrad.meta.MAML"
+    _target_: str = "metagrad.learners.MAML"
     first_order: bool = False
 
 
@@ -310,7 +310,7 @@ class MAMLLearnerSchema(LearnerSchema):
 class ReptileLearnerSchema(LearnerSchema):
     """Reptile: first order by construction, so it has no `first_order`."""
 
-    _target_: str = "metagrad.meta.Reptile"
+    _target_: str = "metagrad.learners.Reptile"
     inner_steps: int = 5
 
 
@@ -318,7 +318,7 @@ class ReptileLearnerSchema(LearnerSchema):
 class IMAMLLearnerSchema(LearnerSchema):
     """iMAML: a proximally regularized inner problem, differentiated implicitly."""
 
-    _target_: str = "metagrad.meta.iMAML"
+    _target_: str = "metagrad.learners.iMAML"
     inner_steps: int = 10
     lam: float = 1.0  # proximal strength
     solver: str = "cg"
@@ -335,7 +335,7 @@ class IMAMLLearnerSchema(LearnerSchema):
 
 @dataclass
 class LearnerMetaSchema:
-    """A meta-learning algorithm from `metagrad.meta` (its model and loss come from the task)."""
+    """A meta-learning algorithm from `metagrad.learners` (its model and loss come from the task)."""
 
     algo: Any = MISSING
 

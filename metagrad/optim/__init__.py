@@ -9,7 +9,6 @@
 from .adagrad import Adagrad, AdagradState
 from .adam import Adam, AdamState, AdamW
 from .base import Optimizer, safe_sqrt
-from .hd import SGDHD, AdamHD
 from .rmsprop import RMSprop, RMSpropState
 from .sgd import SGD, SGDState
 
@@ -25,6 +24,4 @@ __all__ = [
     "Adagrad",
     "AdagradState",
     "safe_sqrt",
-    "SGDHD",
-    "AdamHD",
 ]

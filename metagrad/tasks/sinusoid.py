@@ -22,7 +22,7 @@ class TaskBatch(NamedTuple):
     """A meta-batch of tasks; every tensor has a leading task dimension.
 
     Unpacks as `support_x, support_y, query_x, query_y`, the argument order of every
-    `metagrad.meta` algorithm.
+    `metagrad.learners` algorithm.
     """
 
     support_x: Tensor

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from metagrad.optim import SGDHD, AdamHD
+from metagrad.online import SGDHD, AdamHD
 
 DTYPE = torch.float64
 

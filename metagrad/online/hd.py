@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._hyper import validate
+from ..optim._hyper import validate
 
 __all__ = ["SGDHD", "AdamHD"]
 

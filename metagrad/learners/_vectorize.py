@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 __all__ = ["vmap_blocker", "map_tasks", "index_tree", "check_vectorize"]
 
-logger = logging.getLogger("metagrad.meta")
+logger = logging.getLogger("metagrad.learners")
 
 Vectorize = bool | str
 _BATCH_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)

@@ -78,7 +78,7 @@ class Plan:
 
 
 class MetaLearner(nn.Module):
-    """Base class of the meta-learners in `metagrad.meta`.
+    """Base class of the meta-learners in `metagrad.learners`.
 
     `learner(support_x, support_y, query_x, query_y)` takes tensors with a leading task
     dimension ([tasks, shots, ...]), adapts the model to each task on its support set and
