@@ -8,12 +8,12 @@ from typing import Any
 
 from torch import Tensor
 
+from ._checks import Params, check_count
 from .meta_params import MetaParameters
 from .optim.base import Optimizer
 
 __all__ = ["InnerProblem"]
 
-Params = dict[str, Tensor]
 LossFn = Callable[[Params, MetaParameters, Any], Tensor]
 
 
@@ -51,8 +51,7 @@ class InnerProblem:
     implicit_batch: Any = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"Invalid steps: {self.steps!r} (must be an int >= 1)")
+        check_count(self.steps, "steps")
         for field in ("optimizer", "inner_loss", "outer_loss"):
             if not callable(getattr(self, field)):
                 raise ValueError(f"InnerProblem.{field} must be callable")

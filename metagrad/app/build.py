@@ -61,7 +61,7 @@ def build_hpo(cfg: DictConfig) -> HPOJob:
             n: p.detach().to(task.train.x.dtype)
             for n, p in instantiate(model_cfg).named_parameters()
         }
-    known = getattr(make_optimizer.func, "hyperparameter_names", tuple(make_optimizer.keywords))
+    known = tuple(make_optimizer.func.learnable_names())
     # Flags cannot be learned; a `betas` pair is learned as `beta1` and `beta2`.
     if "betas" in known:
         known = (*known, *BETA_NAMES)

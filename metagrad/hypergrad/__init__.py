@@ -4,7 +4,7 @@
 meta-gradients keyed like `dict(meta.named_parameters())`.
 """
 
-from .base import HypergradMethod, HypergradResult, NonFiniteLossError
+from .base import Estimator, HypergradMethod, HypergradResult, NonFiniteLossError
 from .checkpointed import Checkpointed
 from .first_order import FirstOrder
 from .forward_mode import ForwardMode
@@ -15,6 +15,7 @@ from .unrolled import Unrolled
 
 __all__ = [
     "Checkpointed",
+    "Estimator",
     "FirstOrder",
     "ForwardMode",
     "Truncated",

@@ -1,4 +1,10 @@
-"""What every hypergradient method shares: the result type, the inner loop and its checks."""
+"""What every hypergradient method shares: the result type, the inner loop and its checks.
+
+An estimator is a small frozen dataclass (its fields are its options) deriving from `Estimator`,
+which times the call and packages the result; the estimator implements `estimate`. All of them
+run the inner loop through one function, `inner_steps`, which the training application also
+uses for its evaluation runs.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +14,30 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
+from .._checks import Params, detach_tree
 from ..functional import inner_grads
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
 
 __all__ = [
+    "Estimate",
+    "Estimator",
     "HypergradMethod",
     "HypergradResult",
-    "NonFiniteLossError",
     "InnerRun",
+    "NonFiniteLossError",
+    "as_leaves",
     "detach_tree",
-    "start",
     "inner_steps",
     "meta_gradients",
-    "finish",
+    "start",
+    "zero_unused",
 ]
-
-Params = dict[str, Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,6 +86,49 @@ class InnerRun:
     last_loss: Tensor | None = None
 
 
+class Estimate(NamedTuple):
+    """What `Estimator.estimate` hands back to be packaged into a `HypergradResult`."""
+
+    grads: dict[str, Tensor | None]
+    outer_loss: Tensor
+    run: InnerRun
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """Base of the estimators: `estimator(problem, meta) -> HypergradResult`.
+
+    Subclasses are frozen dataclasses whose fields are their options (validated in
+    `__post_init__`) and implement `estimate`. This class times the call, turns missing
+    gradients into zeros (with one warning naming them) and adds the standard metrics.
+    """
+
+    def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
+        """Run the inner problem and compute the meta-gradients (None where unused)."""
+        raise NotImplementedError
+
+    def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
+        started = time.perf_counter()
+        grads, outer_loss, run, metrics = self.estimate(problem, meta)
+        grads = zero_unused(grads, dict(meta.named_parameters()))
+        norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
+        base = {
+            "outer/loss": float(outer_loss.detach()),
+            "hypergrad/norm": norm,
+            "hypergrad/seconds": time.perf_counter() - started,
+        }
+        if run.last_loss is not None:
+            base["inner/loss"] = float(run.last_loss.detach())
+        base.update(metrics)
+        return HypergradResult(
+            grads={n: g.detach() for n, g in grads.items()},
+            outer_loss=outer_loss.detach(),
+            params={n: p.detach() for n, p in run.params.items()},
+            metrics=base,
+        )
+
+
 def _check_finite(loss: Tensor, step: int, steps: int) -> None:
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         return  # inner_grads rejects it with a clear message
@@ -103,17 +154,12 @@ def start(problem: InnerProblem, meta: MetaParameters, *, track: bool = True) ->
     """
     params = problem.initial_params(meta)
     if not track:
-        params = {n: p.detach() for n, p in params.items()}
+        params = detach_tree(params)
     params = as_leaves(params)
     state = problem.optimizer(meta, 0).init(params)
     if not track:
         state = detach_tree(state)
     return InnerRun(params, state)
-
-
-def detach_tree(tree: Any) -> Any:
-    """`tree` (params, optimizer state, or both) with every tensor detached."""
-    return torch.utils._pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, tree)
 
 
 def inner_steps(
@@ -125,13 +171,14 @@ def inner_steps(
     create_graph: bool = True,
     track: bool = True,
 ) -> InnerRun:
-    """Run inner steps `steps` (indices into the horizon) from `run`.
+    """Run inner steps `steps` (indices into the horizon) from `run`: the one inner loop.
 
     Args:
         create_graph: differentiate through the inner gradients (second-order terms).
         track: keep the graph across steps; False runs every step from detached params and
             state and takes the optimizer step without graph (the untracked prefix of
-            truncated methods, the forward pass of checkpointed ones), so memory stays flat.
+            truncated methods, the forward pass of checkpointed ones, evaluation runs), so
+            memory stays flat. Untracked steps are outside any differentiated path by design.
 
     Raises:
         NonFiniteLossError: the inner loss is NaN or infinite; the message names the step.
@@ -142,47 +189,41 @@ def inner_steps(
     # Meta values read at every step are computed (and later differentiated) once per call.
     reuse = getattr(meta, "reuse_values", contextlib.nullcontext)
     with reuse():
-        params, state, loss = _loop(problem, meta, params, state, loss, steps, create_graph, track)
+        for t in steps:
+            if not track:
+                params = as_leaves(detach_tree(params))
+            loss = problem.inner_loss(params, meta, problem.batch(t))
+            _check_finite(loss, t, problem.steps)
+            grads = inner_grads(loss, params, create_graph=create_graph and track)
+            if track:
+                params, state = problem.optimizer(meta, t).step(params, grads, state)
+            else:
+                # Cut from the graph anyway: build none (cheaper than building and detaching).
+                with torch.no_grad():
+                    params, state = problem.optimizer(meta, t).step(params, grads, state)
     if not track:
-        params = {n: p.detach() for n, p in params.items()}
+        params = detach_tree(params)
     return InnerRun(params, state, loss)
 
 
-def _loop(
-    problem: InnerProblem,
-    meta: MetaParameters,
-    params: Params,
-    state: Any,
-    loss: Tensor | None,
-    steps: Iterable[int],
-    create_graph: bool,
-    track: bool,
-) -> tuple[Params, Any, Tensor | None]:
-    for t in steps:
-        if not track:
-            params = as_leaves({n: p.detach() for n, p in params.items()})
-        loss = problem.inner_loss(params, meta, problem.batch(t))
-        _check_finite(loss, t, problem.steps)
-        grads = inner_grads(loss, params, create_graph=create_graph and track)
-        if track:
-            params, state = problem.optimizer(meta, t).step(params, grads, state)
-        else:
-            # Untracked steps are cut from the graph anyway: build none (cheaper than
-            # building one and detaching it).
-            with torch.no_grad():
-                params, state = problem.optimizer(meta, t).step(params, grads, state)
-    return params, state, loss
+def outer_loss(problem: InnerProblem, meta: MetaParameters, params: Params) -> Tensor:
+    """The outer loss at `params`, checked to be a scalar."""
+    loss = problem.outer_loss(params, meta, problem.outer_batch)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"outer_loss must return a scalar tensor, got {shape}")
+    return loss
 
 
 def meta_gradients(
-    outer_loss: Tensor, meta: MetaParameters, *, retain_graph: bool = False
-) -> dict[str, Tensor]:
-    """Gradient of `outer_loss` for every meta-parameter; zero (with a warning) where unused."""
+    loss: Tensor, meta: MetaParameters, *, retain_graph: bool = False
+) -> dict[str, Tensor | None]:
+    """Gradient of `loss` for every meta-parameter (None where the loss does not use it)."""
     named = dict(meta.named_parameters())
     grads = torch.autograd.grad(
-        outer_loss, list(named.values()), allow_unused=True, retain_graph=retain_graph
+        loss, list(named.values()), allow_unused=True, retain_graph=retain_graph
     )
-    return zero_unused(dict(zip(named, grads, strict=True)), named)
+    return dict(zip(named, grads, strict=True))
 
 
 def zero_unused(grads: dict[str, Tensor | None], named: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -196,28 +237,3 @@ def zero_unused(grads: dict[str, Tensor | None], named: dict[str, Tensor]) -> di
             stacklevel=3,
         )
     return {n: torch.zeros_like(named[n]) if g is None else g for n, g in grads.items()}
-
-
-def finish(
-    grads: dict[str, Tensor],
-    outer_loss: Tensor,
-    run: InnerRun,
-    started: float,
-    **metrics: float,
-) -> HypergradResult:
-    """Package meta-gradients and the run into a `HypergradResult` with standard metrics."""
-    norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
-    base = {
-        "outer/loss": float(outer_loss.detach()),
-        "hypergrad/norm": norm,
-        "hypergrad/seconds": time.perf_counter() - started,
-    }
-    if run.last_loss is not None:
-        base["inner/loss"] = float(run.last_loss.detach())
-    base.update(metrics)
-    return HypergradResult(
-        grads={n: g.detach() for n, g in grads.items()},
-        outer_loss=outer_loss.detach(),
-        params={n: p.detach() for n, p in run.params.items()},
-        metrics=base,
-    )

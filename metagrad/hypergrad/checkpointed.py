@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._checks import check_count, detach_tree
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
-from .base import (
-    HypergradResult,
-    InnerRun,
-    detach_tree,
-    finish,
-    inner_steps,
-    start,
-    zero_unused,
-)
+from .base import Estimate, Estimator, InnerRun, inner_steps, outer_loss, start
 
 __all__ = ["Checkpointed"]
 
@@ -31,8 +24,7 @@ def _flat(run: InnerRun) -> tuple[list[Any], Any]:
 
 
 def _detached(run: InnerRun) -> InnerRun:
-    params, state = detach_tree((run.params, run.state))
-    return InnerRun(params, state, run.last_loss)
+    return InnerRun(*detach_tree((run.params, run.state, run.last_loss)))
 
 
 def _as_inputs(run: InnerRun) -> tuple[InnerRun, list[Tensor]]:
@@ -43,7 +35,8 @@ def _as_inputs(run: InnerRun) -> tuple[InnerRun, list[Tensor]]:
     return InnerRun(params, state, run.last_loss), [x for x in leaves if isinstance(x, Tensor)]
 
 
-class Checkpointed:
+@dataclass(frozen=True)
+class Checkpointed(Estimator):
     """Exact hypergradients by reverse mode that stores only segment boundaries.
 
     A forward pass runs the T inner steps without graph and keeps the inner params and
@@ -66,12 +59,10 @@ class Checkpointed:
             round(sqrt(T)). `segment >= T` is one segment: `Unrolled` plus a forward pass.
     """
 
-    def __init__(self, segment: int | None = None) -> None:
-        if segment is not None and (
-            isinstance(segment, bool) or not isinstance(segment, int) or segment < 1
-        ):
-            raise ValueError(f"Invalid segment: {segment!r} (must be None or an int >= 1)")
-        self.segment = segment
+    segment: int | None = None
+
+    def __post_init__(self) -> None:
+        check_count(self.segment, "segment", allow_none=True)
 
     def segment_for(self, steps: int) -> int:
         """The segment length used for a horizon of `steps` inner steps."""
@@ -79,8 +70,7 @@ class Checkpointed:
             return max(1, round(math.sqrt(steps)))
         return min(self.segment, steps)
 
-    def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
-        started = time.perf_counter()
+    def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         steps = problem.steps
         segment = self.segment_for(steps)
         starts = list(range(0, steps, segment))
@@ -113,9 +103,9 @@ class Checkpointed:
             boundaries[i] = None  # free it as we go
             out = inner_steps(problem, meta, source, range(b, end))
             if i == len(starts) - 1:
-                outer_loss = problem.outer_loss(out.params, meta, problem.outer_batch)
-                final, last_loss = _detached(out), out.last_loss
-                outputs, cotangents = [outer_loss], None
+                loss = outer_loss(problem, meta, out.params)
+                final = _detached(out)
+                outputs, cotangents = [loss], None
             else:
                 flat = [x for x in _flat(out)[0] if isinstance(x, Tensor)]
                 if len(flat) != len(adjoint):
@@ -140,9 +130,5 @@ class Checkpointed:
                 if g is not None:
                     totals[j] = g if totals[j] is None else totals[j] + g
 
-        grads = zero_unused(dict(zip(named, totals, strict=True)), named)
-        final.last_loss = last_loss
-        return finish(grads, outer_loss, final, started, **{"hypergrad/segment": segment})
-
-    def __repr__(self) -> str:
-        return f"Checkpointed(segment={self.segment})"
+        grads = dict(zip(named, totals, strict=True))
+        return Estimate(grads, loss, final, {"hypergrad/segment": segment})

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
-from .base import HypergradResult, finish, inner_steps, meta_gradients, start
+from .base import Estimate, Estimator, inner_steps, meta_gradients, outer_loss, start
 
 __all__ = ["FirstOrder"]
 
 
-class FirstOrder:
+@dataclass(frozen=True)
+class FirstOrder(Estimator):
     """Backpropagation through the inner updates with inner gradients taken without graph.
 
     Every inner gradient g_t is a constant to the outer backward pass, so for SGD
@@ -27,13 +28,8 @@ class FirstOrder:
     step), not by the model's activations.
     """
 
-    def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
-        started = time.perf_counter()
+    def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         run = start(problem, meta)
         run = inner_steps(problem, meta, run, range(problem.steps), create_graph=False)
-        outer_loss = problem.outer_loss(run.params, meta, problem.outer_batch)
-        grads = meta_gradients(outer_loss, meta)
-        return finish(grads, outer_loss, run, started)
-
-    def __repr__(self) -> str:
-        return "FirstOrder()"
+        loss = outer_loss(problem, meta, run.params)
+        return Estimate(meta_gradients(loss, meta), loss, run, {})

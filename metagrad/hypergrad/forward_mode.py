@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,9 +10,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._checks import check_count
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
-from .base import HypergradResult, InnerRun, finish, inner_steps, zero_unused
+from .base import Estimate, Estimator, InnerRun, inner_steps
 
 __all__ = ["ForwardMode"]
 
@@ -53,7 +54,8 @@ def _join(primals: list[Any], tangents: list[Tensor | None], spec: Any) -> Any:
     return tree_unflatten(leaves, spec)
 
 
-class ForwardMode:
+@dataclass(frozen=True)
+class ForwardMode(Estimator):
     """Exact hypergradients by forward-mode differentiation of the inner loop.
 
     Follows Franceschi et al. 2017 ("Forward and Reverse Gradient-Based Hyperparameter
@@ -81,15 +83,12 @@ class ForwardMode:
             reverse-mode methods (`Unrolled`, `Checkpointed`) cost the same for any number.
     """
 
-    def __init__(self, max_directions: int = 64) -> None:
-        if isinstance(max_directions, bool) or not isinstance(max_directions, int):
-            raise ValueError(f"Invalid max_directions: {max_directions!r} (must be an int >= 1)")
-        if max_directions < 1:
-            raise ValueError(f"Invalid max_directions: {max_directions} (must be >= 1)")
-        self.max_directions = max_directions
+    max_directions: int = 64
 
-    def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
-        started = time.perf_counter()
+    def __post_init__(self) -> None:
+        check_count(self.max_directions, "max_directions")
+
+    def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         named = dict(meta.named_parameters())
         total = sum(p.numel() for p in named.values())
         if total > self.max_directions:
@@ -130,8 +129,7 @@ class ForwardMode:
             else:
                 values = [torch.zeros((), dtype=p.dtype) if t is None else t for t in found]
                 grads[name] = torch.stack(values).view_as(p)
-        grads = zero_unused(grads, named)
-        return finish(grads, outer_loss, run, started, **{"hypergrad/directions": float(total)})
+        return Estimate(grads, outer_loss, run, {"hypergrad/directions": float(total)})
 
     def _directional(
         self,
@@ -174,9 +172,6 @@ class ForwardMode:
             tangent = None if tangent is None else tangent.detach().clone()
         params, state = tree_unflatten(carry[0], carry[2])
         return primal, InnerRun(params, state, last_loss), tangent
-
-    def __repr__(self) -> str:
-        return f"ForwardMode(max_directions={self.max_directions})"
 
 
 def _initial(meta: MetaParameters, problem: InnerProblem) -> tuple[Any, ...]:

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
+from .._checks import Params, dot
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
-from .base import (
-    HypergradResult,
-    NonFiniteLossError,
-    finish,
-    inner_steps,
-    start,
-    zero_unused,
-)
-from .solvers import solve_linear
+from .base import Estimate, Estimator, NonFiniteLossError, inner_steps, outer_loss, start
+from .solvers import check_solver, solve_linear
 
 __all__ = ["Implicit"]
 
-Params = dict[str, Tensor]
-_SOLVERS = ("cg", "neumann", "fixed_point")
 
-
-def _dot(a: Params, b: Params) -> Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
-class Implicit:
+@dataclass(frozen=True)
+class Implicit(Estimator):
     r"""Hypergradients by the implicit function theorem at the final inner params.
 
     The inner loop runs first-order and without graph (like plain training). At its final
@@ -81,32 +69,18 @@ class Implicit:
         tol: early stopping tolerance for "cg" and "fixed_point" (None: run all iterations).
     """
 
-    def __init__(
-        self,
-        solver: str = "cg",
-        iters: int = 50,
-        damping: float = 0.0,
-        step_size: float = 0.1,
-        tol: float | None = None,
-    ) -> None:
-        if solver not in _SOLVERS:
-            raise ValueError(f"Invalid solver: {solver!r} (expected one of {_SOLVERS})")
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"Invalid iters: {iters!r} (must be an int >= 1)")
-        if not damping >= 0:
-            raise ValueError(f"Invalid damping: {damping!r} (must be >= 0)")
-        if not step_size > 0:
-            raise ValueError(f"Invalid step_size: {step_size!r} (must be > 0)")
-        if tol is not None and not tol >= 0:
-            raise ValueError(f"Invalid tol: {tol!r} (must be >= 0 or None)")
-        self.solver = solver
-        self.iters = iters
-        self.damping = float(damping)
-        self.step_size = float(step_size)
-        self.tol = tol
+    solver: str = "cg"
+    iters: int = 50
+    damping: float = 0.0
+    step_size: float = 0.1
+    tol: float | None = None
 
-    def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
-        started = time.perf_counter()
+    def __post_init__(self) -> None:
+        check_solver(
+            self.solver, self.iters, self.damping, self.step_size, self.tol, method_arg="solver"
+        )
+
+    def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         named = dict(meta.named_parameters())
         _refuse_optimizer_hyperparameters(problem, meta, named)
 
@@ -115,10 +89,8 @@ class Implicit:
         w = {n: p.detach().requires_grad_() for n, p in run.params.items()}
         names, metas = list(w), list(named.values())
 
-        outer_loss = problem.outer_loss(w, meta, problem.outer_batch)
-        if not isinstance(outer_loss, Tensor) or outer_loss.dim() != 0:
-            raise ValueError("outer_loss must return a scalar tensor")
-        both = torch.autograd.grad(outer_loss, [w[n] for n in names] + metas, allow_unused=True)
+        loss = outer_loss(problem, meta, w)
+        both = torch.autograd.grad(loss, [w[n] for n in names] + metas, allow_unused=True)
         g_out = {
             n: torch.zeros_like(w[n]) if g is None else g
             for n, g in zip(names, both[: len(names)], strict=True)
@@ -166,8 +138,8 @@ class Implicit:
         v = {n: t.detach() for n, t in v.items()}
         hv = hvp(v)
         residual = {n: hv[n] + self.damping * v[n] - g_out[n] for n in names}
-        b_norm = float(_dot(g_out, g_out).sqrt())
-        rel_residual = float(_dot(residual, residual).sqrt()) / b_norm if b_norm > 0 else 0.0
+        b_norm = float(dot(g_out, g_out).sqrt())
+        rel_residual = float(dot(residual, residual).sqrt()) / b_norm if b_norm > 0 else 0.0
         inner_grad_norm = float(
             sum(float(g.detach().pow(2).sum()) for g in g_in if g is not None) ** 0.5
         )
@@ -192,23 +164,8 @@ class Implicit:
                 raw[name] = -m
             else:
                 raw[name] = d - m
-        grads = zero_unused(raw, named)
-        return finish(
-            grads,
-            outer_loss,
-            run,
-            started,
-            **{
-                "implicit/residual": rel_residual,
-                "implicit/inner_grad_norm": inner_grad_norm,
-            },
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"Implicit(solver={self.solver!r}, iters={self.iters}, damping={self.damping}, "
-            f"step_size={self.step_size}, tol={self.tol})"
-        )
+        metrics = {"implicit/residual": rel_residual, "implicit/inner_grad_norm": inner_grad_norm}
+        return Estimate(raw, loss, run, metrics)
 
 
 def _refuse_optimizer_hyperparameters(

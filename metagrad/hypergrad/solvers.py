@@ -13,14 +13,47 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["solve_linear", "conjugate_gradient", "neumann", "fixed_point"]
+from .._checks import check_choice, check_count, check_number
+from .._checks import dot as _dot
+
+__all__ = [
+    "SOLVERS",
+    "check_solver",
+    "solve_linear",
+    "conjugate_gradient",
+    "neumann",
+    "fixed_point",
+]
 
 Vec = dict[str, Tensor]
 MatVec = Callable[[Vec], Vec]
 
+#: The names `solve_linear` takes as `method`.
+SOLVERS = ("cg", "neumann", "fixed_point")
 
-def _dot(a: Vec, b: Vec) -> Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)
+
+def check_solver(
+    method: str,
+    iters: int,
+    damping: float,
+    step_size: float,
+    tol: float | None,
+    *,
+    method_arg: str = "method",
+) -> None:
+    """Validate the arguments of `solve_linear` (also used by the estimators that call it).
+
+    Args:
+        method_arg: the name the caller gives the method argument ("solver" for `Implicit`).
+
+    Raises:
+        ArgumentError: naming the argument out of range.
+    """
+    check_choice(method, method_arg, SOLVERS)
+    check_count(iters, "iters")
+    check_number(damping, "damping", 0.0)
+    check_number(step_size, "step_size", 0.0, low_open=True)
+    check_number(tol, "tol", 0.0, allow_none=True)
 
 
 def _axpy(alpha: Tensor | float, x: Vec, y: Vec) -> Vec:
@@ -127,18 +160,9 @@ def solve_linear(
         step_size: step of the Neumann and fixed-point iterations (below 2 / lambda_max).
         tol: early-stopping tolerance for "cg" and "fixed_point" (None: run all iterations).
     """
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"Invalid iters: {iters!r} (must be an int >= 1)")
-    if not damping >= 0:
-        raise ValueError(f"Invalid damping: {damping} (must be >= 0)")
-    if tol is not None and not tol >= 0:
-        raise ValueError(f"Invalid tol: {tol} (must be >= 0, or None for fixed iterations)")
+    check_solver(method, iters, damping, step_size, tol)
     if method == "cg":
         return conjugate_gradient(matvec, b, iters=iters, damping=damping, tol=tol)
-    if not step_size > 0:
-        raise ValueError(f"Invalid step_size: {step_size} (must be > 0)")
     if method == "neumann":
         return neumann(matvec, b, iters=iters, damping=damping, step_size=step_size)
-    if method == "fixed_point":
-        return fixed_point(matvec, b, iters=iters, damping=damping, step_size=step_size, tol=tol)
-    raise ValueError(f"Invalid method: {method!r} (expected 'cg', 'neumann' or 'fixed_point')")
+    return fixed_point(matvec, b, iters=iters, damping=damping, step_size=step_size, tol=tol)

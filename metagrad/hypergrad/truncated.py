@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
+from .._checks import check_count
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
 from .base import (
-    HypergradResult,
+    Estimate,
+    Estimator,
     InnerRun,
     as_leaves,
-    finish,
     inner_steps,
     meta_gradients,
+    outer_loss,
     start,
 )
 
 __all__ = ["Truncated"]
 
 
-class Truncated:
+@dataclass(frozen=True)
+class Truncated(Estimator):
     """Hypergradients from backpropagating through the last `k` of the T inner steps.
 
     The first T - k steps run without a graph (params and optimizer state are detached after
@@ -35,13 +38,12 @@ class Truncated:
         k: the number of trailing inner steps to differentiate through (>= 1).
     """
 
-    def __init__(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"Invalid k: {k!r} (must be an int >= 1)")
-        self.k = k
+    k: int = 10
 
-    def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
-        started = time.perf_counter()
+    def __post_init__(self) -> None:
+        check_count(self.k, "k")
+
+    def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         steps = problem.steps
         cut = max(steps - self.k, 0)
         if cut == 0:
@@ -51,9 +53,5 @@ class Truncated:
             run = inner_steps(problem, meta, run, range(cut), create_graph=False, track=False)
             run = InnerRun(as_leaves(run.params), run.state, run.last_loss)
             run = inner_steps(problem, meta, run, range(cut, steps))
-        outer_loss = problem.outer_loss(run.params, meta, problem.outer_batch)
-        grads = meta_gradients(outer_loss, meta)
-        return finish(grads, outer_loss, run, started, **{"hypergrad/k": min(self.k, steps)})
-
-    def __repr__(self) -> str:
-        return f"Truncated(k={self.k})"
+        loss = outer_loss(problem, meta, run.params)
+        return Estimate(meta_gradients(loss, meta), loss, run, {"hypergrad/k": min(self.k, steps)})

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
-from .base import HypergradResult, finish, inner_steps, meta_gradients, start
+from .base import Estimate, Estimator, inner_steps, meta_gradients, outer_loss, start
 
 __all__ = ["Unrolled"]
 
 
-class Unrolled:
+@dataclass(frozen=True)
+class Unrolled(Estimator):
     """Exact hypergradients by backpropagating through all T inner steps.
 
     Bias: none; the result is the exact gradient of the outer loss after T steps.
@@ -20,12 +21,7 @@ class Unrolled:
     Memory: grows linearly with T (every step's graph is kept until the backward pass).
     """
 
-    def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
-        started = time.perf_counter()
+    def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         run = inner_steps(problem, meta, start(problem, meta), range(problem.steps))
-        outer_loss = problem.outer_loss(run.params, meta, problem.outer_batch)
-        grads = meta_gradients(outer_loss, meta)
-        return finish(grads, outer_loss, run, started)
-
-    def __repr__(self) -> str:
-        return "Unrolled()"
+        loss = outer_loss(problem, meta, run.params)
+        return Estimate(meta_gradients(loss, meta), loss, run, {})

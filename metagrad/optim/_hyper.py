@@ -15,14 +15,16 @@ to whatever produced it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["Hyper", "Params", "check_params", "resolve", "validate", "is_zero"]
+from .._checks import ArgumentError, Params
 
-Params = dict[str, Tensor]
+__all__ = ["Hyper", "Params", "check_grads", "check_coverage", "resolve", "validate", "is_zero"]
+
 Hyper = float | Tensor | Mapping[str, float | Tensor]
 
 
@@ -42,9 +44,10 @@ def _check_range(
         # reduction and one sync (NaN fails `>=`): optimizers are built at every inner step.
         if value.dim() == 0:  # the common case: one sync, no extra ops
             x = value.item()
-            bad = not (x >= low) or (high is not None and (x >= high if high_open else x > high))
+            bad = not (math.isfinite(x) and x >= low)
+            bad = bad or (high is not None and (x >= high if high_open else x > high))
         else:
-            ok = value >= low
+            ok = torch.isfinite(value) & (value >= low)
             if high is not None:
                 ok = ok & ((value < high) if high_open else (value <= high))
             bad = not bool(ok.all())
@@ -57,16 +60,16 @@ def _check_range(
                 lo, hi = v.min(), v.max()
                 shown = f"tensor of shape {tuple(v.shape)} with values from {lo:g} to {hi:g}"
     else:
-        bad = not (value >= low) or (
+        bad = not (math.isfinite(value) and value >= low) or (
             high is not None and (value >= high if high_open else value > high)
         )
         shown = value
     if bad:
         if high is None:
-            allowed = f">= {low}"
+            allowed = f">= {low} and finite"
         else:
             allowed = f"in [{low}, {high})" if high_open else f"in [{low}, {high}]"
-        raise ValueError(f"Invalid {arg}{where}: {shown} (must be {allowed})")
+        raise ArgumentError(arg, f"Invalid {arg}{where}: {shown} (must be {allowed})")
 
 
 def validate(
@@ -94,16 +97,18 @@ def validate(
     if isinstance(value, Mapping):
         for name, v in value.items():
             if not isinstance(v, (int, float, Tensor)) or isinstance(v, bool):
-                raise ValueError(
+                raise ArgumentError(
+                    arg,
                     f"Invalid {arg} for parameter '{name}': expected a number or a tensor, "
-                    f"got {type(v).__name__}"
+                    f"got {type(v).__name__}",
                 )
             _check_range(v, arg, f" for parameter '{name}'", low, high, high_open)
         return dict(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        raise ValueError(
+        raise ArgumentError(
+            arg,
             f"Invalid {arg}: expected a number, a tensor or a mapping from parameter name to "
-            f"either, got {type(value).__name__}"
+            f"either, got {type(value).__name__}",
         )
     _check_range(value, arg, "", low, high, high_open)
     return value
@@ -145,20 +150,22 @@ def is_zero(value: Hyper) -> bool:
     return isinstance(value, (int, float)) and value == 0
 
 
-def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> None:
-    """Check that grads match params and that per-parameter hyperparameters cover them.
+def _check_mappings(**named: object) -> None:
+    if not all(isinstance(v, Mapping) for v in named.values()):
+        kinds = " and ".join(type(v).__name__ for v in named.values())
+        raise ValueError(
+            f"{' and '.join(named)} must be mappings from parameter name to tensor, got {kinds}"
+        )
+
+
+def check_grads(params: Params, grads: Params) -> None:
+    """Check that `grads` has a tensor shaped like each parameter and nothing else.
 
     Raises:
-        ValueError: keys differ, a gradient's shape differs from its parameter, or a
-            per-parameter hyperparameter names parameters that do not exist.
+        ValueError: keys differ, a gradient is None or not a tensor, or its shape differs from
+            its parameter's.
     """
-    if not (isinstance(params, dict) or isinstance(params, Mapping)) or not (
-        isinstance(grads, dict) or isinstance(grads, Mapping)
-    ):
-        raise ValueError(
-            "params and grads must be mappings from parameter name to tensor, "
-            f"got {type(params).__name__} and {type(grads).__name__}"
-        )
+    _check_mappings(params=params, grads=grads)
     if params.keys() != grads.keys():
         missing = sorted(set(params) - set(grads))
         extra = sorted(set(grads) - set(params))
@@ -170,10 +177,25 @@ def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> 
         raise ValueError(f"grads must have the same keys as params: {'; '.join(problems)}")
     for name, p in params.items():
         g = grads[name]
+        if not isinstance(g, Tensor):
+            hint = " (use torch.zeros_like for a parameter without gradient)" if g is None else ""
+            raise ValueError(
+                f"grad for parameter '{name}' must be a tensor, got {type(g).__name__}{hint}"
+            )
         if g.shape != p.shape:
             raise ValueError(
                 f"grad for parameter '{name}' has shape {tuple(g.shape)}, expected {tuple(p.shape)}"
             )
+
+
+def check_coverage(params: Params, hypers: Mapping[str, Hyper]) -> None:
+    """Check that every per-parameter hyperparameter fits `params` (names and shapes).
+
+    Raises:
+        ValueError: a mapping names parameters that do not exist or misses one, or a tensor
+            value is neither 0-d nor shaped like its parameter.
+    """
+    _check_mappings(params=params)
     for arg, value in hypers.items():
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - set(params))
@@ -182,3 +204,5 @@ def check_params(params: Params, grads: Params, hypers: Mapping[str, Hyper]) -> 
                     f"{arg} names parameters that are not in params: {unknown} "
                     f"(params has: {sorted(params)})"
                 )
+        for name, p in params.items():
+            resolve(value, arg, name, p)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["add_scaled", "ema", "ema_sq", "sub_scaled_ratio"]
+__all__ = ["add_scaled", "coupled_decay", "ema", "ema_sq", "sub_scaled_ratio"]
 
 
 def _is_number(value: object) -> bool:
@@ -24,6 +24,14 @@ def add_scaled(x: Tensor, y: Tensor, alpha: float | Tensor) -> Tensor:
     if _is_number(alpha):
         return torch.add(x, y, alpha=alpha)
     return x + alpha * y
+
+
+def coupled_decay(g: Tensor, p: Tensor, weight_decay: float | Tensor) -> Tensor:
+    """`g + weight_decay * p`: L2 regularization folded into the gradient (skipped exactly when
+    `weight_decay` is the number 0; a tensor is always applied, so it keeps its gradient)."""
+    if _is_number(weight_decay) and weight_decay == 0:
+        return g
+    return add_scaled(g, p, weight_decay)
 
 
 def ema(avg: Tensor, x: Tensor, beta: float | Tensor) -> Tensor:

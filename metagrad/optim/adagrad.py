@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._hyper import Hyper, Params, check_params, is_zero, resolve, validate
-from ._ops import add_scaled, sub_scaled_ratio
-from .base import Optimizer, safe_sqrt
+from ._hyper import Hyper, Params, is_zero, resolve
+from ._ops import coupled_decay, sub_scaled_ratio
+from .base import Optimizer, hyper, safe_sqrt
 
 __all__ = ["Adagrad", "AdagradState"]
 
@@ -21,6 +22,7 @@ class AdagradState(NamedTuple):
     sum: dict[str, Tensor]
 
 
+@dataclass(eq=False, repr=False)
 class Adagrad(Optimizer[AdagradState]):
     r"""Adagrad, step for step the same as `torch.optim.Adagrad`.
 
@@ -42,26 +44,14 @@ class Adagrad(Optimizer[AdagradState]):
         eps: :math:`\epsilon`, added to the denominator.
     """
 
-    hyperparameter_names = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
-
-    def __init__(
-        self,
-        lr: Hyper = 1e-2,
-        lr_decay: Hyper = 0.0,
-        weight_decay: Hyper = 0.0,
-        initial_accumulator_value: Hyper = 0.0,
-        eps: Hyper = 1e-10,
-    ) -> None:
-        self.lr = validate(lr, "lr")
-        self.lr_decay = validate(lr_decay, "lr_decay")
-        self.weight_decay = validate(weight_decay, "weight_decay")
-        self.initial_accumulator_value = validate(
-            initial_accumulator_value, "initial_accumulator_value"
-        )
-        self.eps = validate(eps, "eps")
+    lr: Hyper = hyper(1e-2)
+    lr_decay: Hyper = hyper(0.0)
+    weight_decay: Hyper = hyper(0.0)
+    initial_accumulator_value: Hyper = hyper(0.0)
+    eps: Hyper = hyper(1e-10)
 
     def init(self, params: Params) -> AdagradState:
-        self._check(params)
+        self.check(params)
         sums = {}
         for name, p in params.items():
             s0 = resolve(self.initial_accumulator_value, "initial_accumulator_value", name, p)
@@ -71,20 +61,14 @@ class Adagrad(Optimizer[AdagradState]):
     def step(
         self, params: Params, grads: Params, state: AdagradState
     ) -> tuple[Params, AdagradState]:
-        check_params(params, grads, {})
         t = state.step + 1
         new_params: Params = {}
         sums: dict[str, Tensor] = {}
-        for name, p in params.items():
-            g = grads[name]
-            wd = resolve(self.weight_decay, "weight_decay", name, p)
-            if not is_zero(wd):
-                g = add_scaled(g, p, wd)
-            lr = resolve(self.lr, "lr", name, p)
-            decay = resolve(self.lr_decay, "lr_decay", name, p)
-            clr = lr if is_zero(decay) else lr / (1 + (t - 1) * decay)
+        for name, p, g, h in self.per_parameter(params, grads):
+            g = coupled_decay(g, p, h.weight_decay)
+            clr = h.lr if is_zero(h.lr_decay) else h.lr / (1 + (t - 1) * h.lr_decay)
             s = torch.addcmul(state.sum[name], g, g)
             sums[name] = s
-            denom = safe_sqrt(s) + resolve(self.eps, "eps", name, p)
+            denom = safe_sqrt(s) + h.eps
             new_params[name] = sub_scaled_ratio(p, clr, g, denom)
         return new_params, AdagradState(t, sums)

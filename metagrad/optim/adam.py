@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 from torch import Tensor
 
-from ._hyper import Hyper, Params, check_params, is_zero, resolve, validate
-from ._ops import add_scaled, ema, ema_sq, sub_scaled_ratio
-from .base import Optimizer, safe_sqrt
+from ._hyper import Hyper, Params, is_zero
+from ._ops import coupled_decay, ema, ema_sq, sub_scaled_ratio
+from .base import Optimizer, flag, hyper, pair, safe_sqrt
 
 __all__ = ["Adam", "AdamW", "AdamState"]
 
@@ -23,18 +24,7 @@ class AdamState(NamedTuple):
     max_exp_avg_sq: dict[str, Tensor]
 
 
-def _split_betas(betas: Sequence[Hyper] | Tensor) -> tuple[Hyper, Hyper]:
-    if isinstance(betas, Tensor):
-        if betas.shape != (2,):
-            raise ValueError(
-                f"Invalid betas: a tensor of betas must have shape (2,), got {tuple(betas.shape)}"
-            )
-        return betas[0], betas[1]
-    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
-    return betas[0], betas[1]
-
-
+@dataclass(eq=False, repr=False)
 class Adam(Optimizer[AdamState]):
     r"""Adam, step for step the same as `torch.optim.Adam` (and `AdamW` with `decoupled`).
 
@@ -56,7 +46,7 @@ class Adam(Optimizer[AdamState]):
     Args:
         lr: learning rate :math:`\gamma`.
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1); a pair of values in any hyperparameter
-            form, or a tensor of shape (2,).
+            form, or a tensor of shape (2,). Learned separately as `beta1` and `beta2`.
         eps: :math:`\epsilon`, added to the denominator.
         weight_decay: :math:`\lambda`.
         amsgrad: use the running maximum of the second moment.
@@ -65,29 +55,18 @@ class Adam(Optimizer[AdamState]):
     parameter name to either; any tensor may require grad.
     """
 
-    hyperparameter_names = ("lr", "betas", "eps", "weight_decay", "amsgrad")
-    decoupled_weight_decay = False
+    lr: Hyper = hyper(1e-3)
+    betas: Sequence[Hyper] | Tensor = pair(
+        (0.9, 0.999), ("beta1", "beta2"), high=1.0, high_open=True
+    )
+    eps: Hyper = hyper(1e-8)
+    weight_decay: Hyper = hyper(0.0)
+    amsgrad: bool = flag(False)
 
-    def __init__(
-        self,
-        lr: Hyper = 1e-3,
-        betas: Sequence[Hyper] | Tensor = (0.9, 0.999),
-        eps: Hyper = 1e-8,
-        weight_decay: Hyper = 0.0,
-        amsgrad: bool = False,
-    ) -> None:
-        beta1, beta2 = _split_betas(betas)
-        self.lr = validate(lr, "lr")
-        self.betas = (
-            validate(beta1, "betas[0]", 0.0, 1.0, high_open=True),
-            validate(beta2, "betas[1]", 0.0, 1.0, high_open=True),
-        )
-        self.eps = validate(eps, "eps")
-        self.weight_decay = validate(weight_decay, "weight_decay")
-        self.amsgrad = bool(amsgrad)
+    decoupled_weight_decay: ClassVar[bool] = False
 
     def init(self, params: Params) -> AdamState:
-        self._check(params)
+        self.check(params)
         zeros = {name: p.new_zeros(p.shape) for name, p in params.items()}
         return AdamState(
             step=0,
@@ -97,24 +76,18 @@ class Adam(Optimizer[AdamState]):
         )
 
     def step(self, params: Params, grads: Params, state: AdamState) -> tuple[Params, AdamState]:
-        check_params(params, grads, {})
         t = state.step + 1
         new_params: Params = {}
         exp_avg: dict[str, Tensor] = {}
         exp_avg_sq: dict[str, Tensor] = {}
         max_exp_avg_sq: dict[str, Tensor] = {}
-        for name, p in params.items():
-            g = grads[name]
-            lr = resolve(self.lr, "lr", name, p)
-            beta1 = resolve(self.betas[0], "betas[0]", name, p)
-            beta2 = resolve(self.betas[1], "betas[1]", name, p)
-            eps = resolve(self.eps, "eps", name, p)
-            wd = resolve(self.weight_decay, "weight_decay", name, p)
-            if not is_zero(wd):
-                if self.decoupled_weight_decay:
-                    p = p * (1 - lr * wd)
-                else:
-                    g = add_scaled(g, p, wd)
+        for name, p, g, h in self.per_parameter(params, grads):
+            beta1, beta2 = h.betas
+            if self.decoupled_weight_decay:
+                if not is_zero(h.weight_decay):
+                    p = p * (1 - h.lr * h.weight_decay)
+            else:
+                g = coupled_decay(g, p, h.weight_decay)
             m = ema(state.exp_avg[name], g, beta1)
             v = ema_sq(state.exp_avg_sq[name], g, beta2)
             exp_avg[name] = m
@@ -123,11 +96,12 @@ class Adam(Optimizer[AdamState]):
                 v = max_exp_avg_sq[name] = state.max_exp_avg_sq[name].maximum(v)
             bias_correction1 = 1 - beta1**t
             bias_correction2_sqrt = (1 - beta2**t) ** 0.5
-            denom = safe_sqrt(v) / bias_correction2_sqrt + eps
-            new_params[name] = sub_scaled_ratio(p, lr / bias_correction1, m, denom)
+            denom = safe_sqrt(v) / bias_correction2_sqrt + h.eps
+            new_params[name] = sub_scaled_ratio(p, h.lr / bias_correction1, m, denom)
         return new_params, AdamState(t, exp_avg, exp_avg_sq, max_exp_avg_sq)
 
 
+@dataclass(eq=False, repr=False)
 class AdamW(Adam):
     r"""Adam with decoupled weight decay, step for step the same as `torch.optim.AdamW`.
 
@@ -135,14 +109,6 @@ class AdamW(Adam):
     itself is not decayed. Arguments are those of `Adam`; `weight_decay` defaults to 1e-2.
     """
 
-    decoupled_weight_decay = True
+    weight_decay: Hyper = hyper(1e-2)
 
-    def __init__(
-        self,
-        lr: Hyper = 1e-3,
-        betas: Sequence[Hyper] | Tensor = (0.9, 0.999),
-        eps: Hyper = 1e-8,
-        weight_decay: Hyper = 1e-2,
-        amsgrad: bool = False,
-    ) -> None:
-        super().__init__(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    decoupled_weight_decay: ClassVar[bool] = True

@@ -1,18 +1,66 @@
-"""The differentiable optimizer interface shared by every optimizer in `metagrad.optim`."""
+"""The differentiable optimizer interface shared by every optimizer in `metagrad.optim`.
+
+An optimizer is a dataclass whose fields are its hyperparameters, each declared once with
+`hyper(...)` (a value in any hyperparameter form, range-checked at construction), `pair(...)`
+(two such values, as Adam's `betas`) or `flag(...)` (a boolean switch that cannot be learned).
+The base class validates them, and `per_parameter(params)` resolves them for each parameter, so
+an update rule reads `h.lr`, `h.momentum`, ... instead of resolving names by hand.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
-from ._hyper import Hyper, Params, check_params, resolve
+from .._checks import ArgumentError
+from ._hyper import Hyper, Params, check_coverage, check_grads, resolve, validate
 
-__all__ = ["Optimizer", "safe_sqrt"]
+__all__ = ["Optimizer", "safe_sqrt", "hyper", "pair", "flag"]
 
 State = TypeVar("State")
+
+_KIND = "metagrad_kind"
+
+
+def hyper(default: float, low: float = 0.0, high: float | None = None, high_open: bool = False):
+    """Declare a hyperparameter field: any hyperparameter form, in [low, high] (finite)."""
+    meta = {_KIND: "hyper", "low": low, "high": high, "high_open": high_open}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def pair(
+    default: tuple[float, float],
+    components: tuple[str, str],
+    low: float = 0.0,
+    high: float | None = None,
+    high_open: bool = False,
+):
+    """Declare a pair of hyperparameters given together (Adam's `betas`).
+
+    Args:
+        default: the two default values.
+        components: a name for each value, under which it can be learned on its own
+            (`("beta1", "beta2")`).
+        low, high, high_open: the range of each value.
+    """
+    meta = {
+        _KIND: "pair",
+        "low": low,
+        "high": high,
+        "high_open": high_open,
+        "components": components,
+    }
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag(default: bool):
+    """Declare a boolean switch (`nesterov`, `amsgrad`): part of the rule, never learned."""
+    return dataclasses.field(default=default, metadata={_KIND: "flag"})
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -36,25 +84,106 @@ def safe_sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(torch.addcmul(1 - mask, x, mask)) * mask
 
 
+def _split_pair(value: Sequence[Hyper] | Tensor, arg: str) -> tuple[Hyper, Hyper]:
+    if isinstance(value, Tensor):
+        if value.shape != (2,):
+            raise ArgumentError(
+                arg,
+                f"Invalid {arg}: a tensor of {arg} must have shape (2,), got {tuple(value.shape)}",
+            )
+        return value[0], value[1]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ArgumentError(arg, f"Invalid {arg}: expected a pair of values, got {value!r}")
+    return value[0], value[1]
+
+
+@dataclasses.dataclass(eq=False, repr=False)
 class Optimizer(Generic[State]):
     """A pure, out-of-place optimizer whose step is differentiable.
 
-    Subclasses hold their hyperparameters and implement `init` and `step`:
+    Subclasses are dataclasses that declare their hyperparameters as fields (`hyper`, `pair`,
+    `flag`) and implement `init` and `step`:
 
     >>> state = opt.init(params)                         # params: dict[str, Tensor]
     >>> params, state = opt.step(params, grads, state)   # new tensors; inputs untouched
 
     `step` never modifies its inputs. The tensors it returns carry the autograd graph back to
     the hyperparameters (where they require grad), the old params, the grads and the state.
+
+    Raises:
+        ArgumentError: (a `ValueError`) a hyperparameter is non-finite, out of range or of an
+            unsupported type; the message names it.
     """
 
-    #: Names of the constructor arguments that are hyperparameters.
-    hyperparameter_names: tuple[str, ...] = ()
+    def __post_init__(self) -> None:
+        for f in _fields(type(self), "hyper"):
+            m = f.metadata
+            value = validate(getattr(self, f.name), f.name, m["low"], m["high"], m["high_open"])
+            setattr(self, f.name, value)
+        for f in _fields(type(self), "pair"):
+            m = f.metadata
+            parts = _split_pair(getattr(self, f.name), f.name)
+            checked = tuple(
+                validate(v, f"{f.name}[{i}]", m["low"], m["high"], m["high_open"])
+                for i, v in enumerate(parts)
+            )
+            setattr(self, f.name, checked)
+        for f in _fields(type(self), "flag"):
+            value = getattr(self, f.name)
+            if not isinstance(value, bool):
+                raise ArgumentError(
+                    f.name, f"Invalid {f.name}: expected true or false, got {value!r}"
+                )
+        self._check_args()
+        # (field name, value) pairs resolved per parameter at every step, pairs flattened.
+        self._resolvable: list[tuple[str, str, Hyper]] = []
+        for f in _fields(type(self), "hyper", "pair"):
+            value = getattr(self, f.name)
+            if f.metadata[_KIND] == "pair":
+                for i, v in enumerate(value):
+                    self._resolvable.append((f.name, f"{f.name}[{i}]", v))
+            else:
+                self._resolvable.append((f.name, f.name, value))
+
+    def _check_args(self) -> None:
+        """Checks that involve several hyperparameters (subclasses override)."""
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def hyperparameter_names(cls) -> tuple[str, ...]:
+        """Names of the hyperparameter fields (pairs included), in declaration order."""
+        return tuple(f.name for f in _fields(cls, "hyper", "pair"))
+
+    @classmethod
+    def flag_names(cls) -> tuple[str, ...]:
+        """Names of the boolean switches."""
+        return tuple(f.name for f in _fields(cls, "flag"))
+
+    @classmethod
+    def learnable_names(cls) -> dict[str, tuple[str, int | None]]:
+        """Every value that can be learned on its own: name -> (field, index in a pair or None).
+
+        Pairs contribute their components (`beta1` -> `("betas", 0)`).
+        """
+        out: dict[str, tuple[str, int | None]] = {}
+        for f in _fields(cls, "hyper", "pair"):
+            if f.metadata[_KIND] == "pair":
+                for i, c in enumerate(f.metadata["components"]):
+                    out[c] = (f.name, i)
+            else:
+                out[f.name] = (f.name, None)
+        return out
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The default value of every field."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The hyperparameters by name, as given (numbers, tensors or mappings)."""
-        return {name: getattr(self, name) for name in self.hyperparameter_names}
+        """The hyperparameters and flags by name, as validated (numbers, tensors, mappings)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    # ------------------------------------------------------------------ the step
     def init(self, params: Params) -> State:
         """Build the optimizer state for `params` (a mapping from name to tensor)."""
         raise NotImplementedError
@@ -63,21 +192,29 @@ class Optimizer(Generic[State]):
         """Apply one update; returns new params and new state without touching the inputs."""
         raise NotImplementedError
 
-    def _check(self, params: Params, grads: Params | None = None) -> None:
-        check_params(params, params if grads is None else grads, self._flat_hypers())
-        for name, p in params.items():
-            for arg, value in self._flat_hypers().items():
-                resolve(value, arg, name, p)
+    def check(self, params: Params) -> None:
+        """Check that every per-parameter hyperparameter fits `params` (called by `init`)."""
+        check_coverage(params, {arg: v for _, arg, v in self._resolvable})
 
-    def _flat_hypers(self) -> dict[str, Hyper]:
-        flat: dict[str, Hyper] = {}
-        for name, value in self.hyperparameters().items():
-            if isinstance(value, tuple):
-                for i, v in enumerate(value):
-                    flat[f"{name}[{i}]"] = v
-            elif isinstance(value, (int, float, Tensor, Mapping)) and not isinstance(value, bool):
-                flat[name] = value
-        return flat
+    def per_parameter(
+        self, params: Params, grads: Params
+    ) -> Iterator[tuple[str, Tensor, Tensor, Any]]:
+        """`(name, param, grad, h)` for each parameter, after checking `grads`.
+
+        `h` holds this parameter's value of every hyperparameter as an attribute (`h.lr`,
+        pairs as tuples: `h.betas`), each a number or a tensor (0-d or shaped like the
+        parameter).
+        """
+        check_grads(params, grads)
+        for name, p in params.items():
+            values: dict[str, Any] = {}
+            for field, arg, value in self._resolvable:
+                v = resolve(value, arg, name, p)
+                if field == arg:
+                    values[field] = v
+                else:
+                    values[field] = (*values.get(field, ()), v)
+            yield name, p, grads[name], SimpleNamespace(**values)
 
     def __repr__(self) -> str:
         def show(v: Any) -> str:
@@ -91,3 +228,7 @@ class Optimizer(Generic[State]):
 
         args = ", ".join(f"{k}={show(v)}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def _fields(cls: type, *kinds: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get(_KIND) in kinds]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._hyper import Hyper, Params, check_params, is_zero, resolve, validate
-from ._ops import add_scaled, ema, ema_sq, sub_scaled_ratio
-from .base import Optimizer, safe_sqrt
+from ._hyper import Hyper, Params, is_zero
+from ._ops import coupled_decay, ema, ema_sq, sub_scaled_ratio
+from .base import Optimizer, flag, hyper, safe_sqrt
 
 __all__ = ["RMSprop", "RMSpropState"]
 
@@ -23,6 +24,7 @@ class RMSpropState(NamedTuple):
     momentum_buffer: dict[str, Tensor]
 
 
+@dataclass(eq=False, repr=False)
 class RMSprop(Optimizer[RMSpropState]):
     r"""RMSprop, step for step the same as `torch.optim.RMSprop`.
 
@@ -40,33 +42,22 @@ class RMSprop(Optimizer[RMSpropState]):
 
     Args:
         lr: learning rate :math:`\gamma`.
-        alpha: smoothing constant :math:`\alpha`.
+        alpha: smoothing constant :math:`\alpha`, in [0, 1].
         eps: :math:`\epsilon`, added to the denominator.
         weight_decay: L2 penalty :math:`\lambda`.
         momentum: momentum factor :math:`\mu`. A tensor always uses the buffer.
         centered: normalize by the estimated variance of the gradient.
     """
 
-    hyperparameter_names = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
-
-    def __init__(
-        self,
-        lr: Hyper = 1e-2,
-        alpha: Hyper = 0.99,
-        eps: Hyper = 1e-8,
-        weight_decay: Hyper = 0.0,
-        momentum: Hyper = 0.0,
-        centered: bool = False,
-    ) -> None:
-        self.lr = validate(lr, "lr")
-        self.alpha = validate(alpha, "alpha", 0.0, 1.0)
-        self.eps = validate(eps, "eps")
-        self.weight_decay = validate(weight_decay, "weight_decay")
-        self.momentum = validate(momentum, "momentum")
-        self.centered = bool(centered)
+    lr: Hyper = hyper(1e-2)
+    alpha: Hyper = hyper(0.99, high=1.0)
+    eps: Hyper = hyper(1e-8)
+    weight_decay: Hyper = hyper(0.0)
+    momentum: Hyper = hyper(0.0)
+    centered: bool = flag(False)
 
     def init(self, params: Params) -> RMSpropState:
-        self._check(params)
+        self.check(params)
         zeros = {name: p.new_zeros(p.shape) for name, p in params.items()}
         return RMSpropState(
             step=0,
@@ -78,32 +69,25 @@ class RMSprop(Optimizer[RMSpropState]):
     def step(
         self, params: Params, grads: Params, state: RMSpropState
     ) -> tuple[Params, RMSpropState]:
-        check_params(params, grads, {})
         use_momentum = not is_zero(self.momentum)
         new_params: Params = {}
         square_avg: dict[str, Tensor] = {}
         grad_avg: dict[str, Tensor] = {}
         momentum_buffer: dict[str, Tensor] = {}
-        for name, p in params.items():
-            g = grads[name]
-            alpha = resolve(self.alpha, "alpha", name, p)
-            wd = resolve(self.weight_decay, "weight_decay", name, p)
-            if not is_zero(wd):
-                g = add_scaled(g, p, wd)
-            s = ema_sq(state.square_avg[name], g, alpha)
+        for name, p, g, h in self.per_parameter(params, grads):
+            g = coupled_decay(g, p, h.weight_decay)
+            s = ema_sq(state.square_avg[name], g, h.alpha)
             square_avg[name] = s
             if self.centered:
-                a = ema(state.grad_avg[name], g, alpha)
+                a = ema(state.grad_avg[name], g, h.alpha)
                 grad_avg[name] = a
                 s = torch.addcmul(s, a, a, value=-1)
-            denom = safe_sqrt(s) + resolve(self.eps, "eps", name, p)
-            lr = resolve(self.lr, "lr", name, p)
+            denom = safe_sqrt(s) + h.eps
             if use_momentum:
-                mu = resolve(self.momentum, "momentum", name, p)
-                buf = torch.addcdiv(mu * state.momentum_buffer[name], g, denom)
+                buf = torch.addcdiv(h.momentum * state.momentum_buffer[name], g, denom)
                 momentum_buffer[name] = buf
-                new_params[name] = p - lr * buf
+                new_params[name] = p - h.lr * buf
             else:
-                new_params[name] = sub_scaled_ratio(p, lr, g, denom)
+                new_params[name] = sub_scaled_ratio(p, h.lr, g, denom)
         new_state = RMSpropState(state.step + 1, square_avg, grad_avg, momentum_buffer)
         return new_params, new_state
