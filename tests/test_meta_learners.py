@@ -246,12 +246,17 @@ def test_anil_adapts_only_the_head():
 
 def test_learned_learning_rates_start_at_inner_lr_and_are_meta_parameters():
     metasgd = MetaSGD(mlp(), inner_lr=0.03)
+    # Learned rates are entries of the learner's MetaParameters, like HPO meta-parameters.
     names = dict(metasgd.named_parameters())
-    assert "log_lr.0/weight" in names and names["log_lr.0/weight"].shape == (6, 2)
+    assert names["meta.inner_lr.0__weight"].shape == (6, 2)
+    assert {f"meta.{n}" for n, _ in metasgd.meta.named_parameters()} <= set(names)
     for lr in metasgd.lrs().values():
         torch.testing.assert_close(lr, torch.full_like(lr, 0.03))
     pp = MAMLPlusPlus(mlp(), inner_lr=0.03, inner_steps=4)
-    assert dict(pp.named_parameters())["log_lr.2/bias"].shape == (4,)
+    # per layer and per step: [inner_steps, layers]
+    assert dict(pp.named_parameters())["meta.inner_lr"].shape == (4, 4)
+    assert pp.lrs()["2.bias"].shape == (4,)
+    torch.testing.assert_close(pp.lrs()["2.bias"], torch.full((4,), 0.03, dtype=torch.float64))
     pp.anneal_step_weights(1.0)
     assert pp.step_weights == [0.0, 0.0, 0.0, 1.0]
     pp.anneal_step_weights(0.0)

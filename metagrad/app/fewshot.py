@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from .._introspect import accepted_arguments
 from ..learners import MetaLearner
 from ..tasks import SinusoidTasks, TaskBatch
 from .hpo import mix_seed
@@ -126,10 +126,11 @@ class FewShotJob:
         return out
 
     def _lrs(self) -> dict[str, Tensor]:
-        log_lr = getattr(self.algo, "log_lr", None)
-        if log_lr is None:
+        lrs = getattr(self.algo, "lrs", None)
+        if lrs is None:
             return {}
-        return {k: v.detach().exp() for k, v in log_lr.items()}
+        with torch.no_grad():
+            return {k.replace(".", "/"): v.detach() for k, v in lrs().items()}
 
     def meta_scalars(self) -> dict[str, float]:
         return {f"meta/inner_lr/{k}": float(v.mean()) for k, v in self._lrs().items()}
@@ -164,8 +165,8 @@ class FewShotJob:
 
 def _check_arguments(make: functools.partial, key: str) -> None:
     """Refuse config keys the target does not take (e.g. one added with `+`) by name."""
-    parameters = inspect.signature(make.func).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    parameters = accepted_arguments(make.func)
+    if "**kwargs" in parameters:
         return
     unknown = sorted(set(make.keywords) - set(parameters))
     if unknown:
@@ -192,11 +193,11 @@ def build_fewshot(cfg: DictConfig) -> FewShotJob:
     _check_arguments(make_algo, "meta.algo")
     algo = make_algo(model=model, inner_optim=instantiate(inner))
     lr_lr = cfg.meta.get("lr_outer_lr")
-    log_lr = getattr(algo, "log_lr", None)
-    if log_lr is not None and lr_lr is not None:
-        lr_ids = {id(p) for p in log_lr.parameters()}
+    learned = list(algo.meta.parameters())
+    if learned and lr_lr is not None:
+        lr_ids = {id(p) for p in learned}
         rest = [p for p in algo.parameters() if id(p) not in lr_ids]
-        groups = [{"params": rest}, {"params": list(log_lr.parameters()), "lr": float(lr_lr)}]
+        groups = [{"params": rest}, {"params": learned, "lr": float(lr_lr)}]
     else:
         groups = [{"params": list(algo.parameters())}]
     outer = instantiate(plain(cfg.outer_optim))(groups)
