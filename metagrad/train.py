@@ -1,35 +1,55 @@
-"""`python -m metagrad.train`: compose a config with Hydra, build the run, train, report.
+"""`python -m metagrad.train`: compose a config with Hydra, check it, train, report.
 
-With no arguments it meta-learns per-layer learning rates and momentum of an MLP on sklearn's
-digits with exact unrolled hypergradients. `train(cfg)` does the work and can be called
-without Hydra's command line (tests do); `main()` is the thin command-line entry point.
+With no arguments it meta-learns per-layer learning rates and the momentum of SGD training an
+MLP on sklearn's digits, with exact unrolled hypergradients. `train(cfg)` does the work and can
+be called without Hydra's command line (tests do); `main()` is the thin command-line entry.
 
     python -m metagrad.train                              # the default run
-    python -m metagrad.train experiment=lr_schedule_digits
-    python -m metagrad.train -m hypergrad=unrolled,checkpointed,forward
+    python -m metagrad.train experiment=maml_sine         # a preset
+    python -m metagrad.train -m hypergrad=unrolled,checkpointed,forwardmode
     python -m metagrad.train hydra.run.dir=outputs/my_run resume=true   # continue a run
+
+Every check happens before anything is written into the run folder: a refused run (a bad
+value, a folder in use, a checkpoint it would overwrite, an override a resumed run cannot
+take) leaves the folder as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .app.build import build_job, flat_hparams
-from .app.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from .app.loop import LoopResult, resume_state, run_loop
-from .app.resume import config_for_resume, config_yaml
-from .app.schema import ConfigError, register_configs, validate
+from ._checks import ArgumentError
+from .app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from .app.configs import register_configs
+from .app.errors import ConfigError, RunRefused, check_finite_numbers
+from .app.guard import available_memory, estimate_hpo_memory
+from .app.jobs import GROUPS_USED, JOBS
+from .app.loop import Interrupted, LoopResult, NonFiniteError, resume_state, run_loop
+from .app.resume import check_targets, config_yaml, continue_config
+from .app.runfolder import RunFolder
+from .app.runtime import Runtime, plain, resolve_device
+from .app.settings import check_settings
 
 __all__ = ["train", "main", "config_dir"]
 
 log = logging.getLogger("metagrad.train")
+
+#: Exit codes of the command line.
+EXIT_REFUSED = 2  # a bad config or a refused run: nothing was done
+EXIT_FAILED = 1  # the run started and failed (non-finite, disk full, ...)
 
 
 def config_dir() -> Path:
@@ -41,21 +61,215 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"metagrad's configs/ folder was not found next to {here}")
 
 
-def _hydra_context() -> tuple[Path | None, dict[str, str], list[str] | None]:
-    """Hydra's output folder, the chosen group options and the keys overridden on the command
-    line (None outside a Hydra run)."""
+@dataclass
+class _Context:
+    """What Hydra tells about this invocation (empty outside a Hydra run)."""
+
+    output_dir: Path | None = None
+    choices: dict[str, str | None] = field(default_factory=dict)
+    overrides: list[str] | None = None
+    hydra_yaml: str | None = None
+    multirun: bool = False
+    sweep_dir: Path | None = None
+
+
+def _hydra_context() -> _Context:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return None, {}, None
+        return _Context()
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
-    explicit = [o.split("=", 1)[0].lstrip("+~") for o in hc.overrides.task]
-    return Path(hc.runtime.output_dir), choices, explicit
+    multirun = hc.mode == RunMode.MULTIRUN
+    return _Context(
+        output_dir=Path(hc.runtime.output_dir),
+        choices=choices,
+        overrides=list(hc.overrides.task),
+        hydra_yaml=OmegaConf.to_yaml(hc),
+        multirun=multirun,
+        sweep_dir=Path(hc.sweep.dir).resolve() if multirun else None,
+    )
+
+
+def _submitit_job() -> str | None:
+    """The submitit job id when this process runs under submitit (SLURM or its local executor)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    except Exception:  # not a submitit job after all
+        return None
+
+
+@dataclass
+class _Prepared:
+    cfg: DictConfig
+    job: Any
+    start: dict[str, Any] | None
+    choices: dict[str, str | None]
+
+
+def _prune(cfg: DictConfig, ctx: _Context) -> DictConfig:
+    """The config without the groups its loop does not read (with a warning for given ones)."""
+    used = GROUPS_USED[cfg.loop]
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    for group in ("inner_optim", "learn", "hypergrad", "learner", "online_optim", "outer_optim"):
+        if group in cfg and group not in used and cfg[group] is not None:
+            given = [
+                o
+                for o in ctx.overrides or []
+                if o.lstrip("+~").split("=")[0].split(".")[0] == group
+            ]
+            if given:
+                log.warning(
+                    "loop=%s does not use %s; ignoring %s", cfg.loop, group, ", ".join(given)
+                )
+            cfg[group] = None
+    return cfg
+
+
+def _check(cfg: DictConfig) -> None:
+    check_finite_numbers(cfg)
+    try:
+        check_settings(cfg)
+    except ArgumentError as e:
+        raise ConfigError(f"{e.arg}: {e}") from None
+
+
+def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context) -> _Prepared:
+    """Every check and the whole build of the run; writes nothing."""
+    ckpt = run.path / CHECKPOINT_NAME
+    choices = dict(ctx.choices)
+    checkpoint = None
+    resume = bool(cfg.resume)
+    if not resume and ckpt.is_file():
+        job_id = _submitit_job()
+        checkpoint = load_checkpoint(ckpt) if job_id is not None else None
+        if checkpoint is not None and checkpoint.get("submitit_job") == job_id:
+            log.info("submitit restarted job %s: continuing from its checkpoint", job_id)
+            resume = True
+        else:
+            raise RunRefused(
+                f"{run.path} already holds a checkpoint; pass resume=true to continue that run, "
+                "or choose another hydra.run.dir"
+            )
+    if resume:
+        if not ckpt.is_file():
+            raise RunRefused(
+                f"resume=true but {run.path} has no {CHECKPOINT_NAME}; point hydra.run.dir at "
+                "the folder of the run to continue"
+            )
+        checkpoint = checkpoint or load_checkpoint(ckpt)
+        recorded = OmegaConf.to_container(OmegaConf.create(checkpoint["config"]), resolve=False)
+        check_targets(recorded, list(cfg.trusted_targets), ckpt)
+        saved_choices = dict(checkpoint.get("choices", {}))
+        cfg = continue_config(
+            cfg,
+            checkpoint["config"],
+            saved_choices,
+            choices,
+            ctx.overrides,
+            run.path,
+            int(checkpoint["loop"]["step"]),
+        )
+        choices = saved_choices or choices
+    _check(cfg)
+    cfg = _prune(cfg, ctx)
+    rt = Runtime(
+        device=resolve_device(cfg.device),
+        dtype=getattr(torch, cfg.dtype),
+        seed=int(cfg.seed),
+        explicit=None
+        if ctx.overrides is None
+        else [o.split("=", 1)[0].lstrip("+~") for o in ctx.overrides],
+    )
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+    try:
+        job = JOBS[cfg.loop](cfg, rt)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    start = None
+    if checkpoint is not None:
+        try:
+            start = resume_state(checkpoint, job)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"{ckpt} does not match the run's config ({str(e).splitlines()[0][:200]}); it "
+                "was not used"
+            ) from None
+    if cfg.loop == "hpo":
+        _guard_memory(cfg, job, rt)
+    return _Prepared(cfg, job, start, choices)
+
+
+def _guard_memory(cfg: DictConfig, job: Any, rt: Runtime) -> None:
+    if job.learns_nothing:
+        return
+    estimate = estimate_hpo_memory(job)
+    free = available_memory(rt.device)
+    log.info(
+        "estimated peak memory of one outer step: %s; available: %s",
+        estimate.describe(),
+        "unknown" if free is None else f"{free / 2**30:.2f} GiB",
+    )
+    if cfg.memory_guard and free is not None and estimate.total > 0.9 * free:
+        raise RunRefused(
+            f"one outer step would need about {estimate.describe()}, but only "
+            f"{free / 2**30:.2f} GiB is available. Use a memory-lean estimator "
+            "(hypergrad=checkpointed, or hypergrad=truncated with hypergrad.k=...), a shorter "
+            "horizon, or a smaller model or batch; memory_guard=false runs anyway"
+        )
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[Any]:
+    """Signals ask the loop to stop after the current outer step (with a checkpoint).
+
+    SIGINT and SIGTERM (what SLURM sends before preemption or at the time limit) set the
+    request; a second SIGINT stops at once. Under submitit, its timeout signal sets the request
+    too, and submitit's own handler (which requeues the job) runs once the checkpoint is
+    written.
+    """
+    state: dict[str, Any] = {"signum": None, "chained": None}
+
+    def request(signum: int, frame: Any) -> None:
+        if state["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        state["signum"] = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this outer step with a checkpoint"
+            + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    handled = [signal.SIGINT, signal.SIGTERM]
+    usr = getattr(signal, "SIGUSR2", None)
+    if usr is not None and os.environ.get("SUBMITIT_EXECUTOR"):
+        previous = signal.getsignal(usr)
+        if callable(previous):
+            state["chained"] = previous
+        handled.append(usr)
+    old = {}
+    try:
+        for s in handled:
+            old[s] = signal.signal(s, request)
+    except ValueError:  # not the main thread: no signal handling
+        old = {}
+    try:
+        yield state
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
-    """Validate `cfg`, build the run it describes, train it and write its results.
+    """Check `cfg`, build the run it describes, train it and write its results.
 
     Args:
         cfg: a config composed from `configs/train.yaml`.
@@ -65,115 +279,162 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
         The final metrics and counts. `<run_dir>/metrics.json` holds the same numbers.
 
     Raises:
-        ConfigError: a value is out of range (the message names the key).
-        FileNotFoundError: `resume=true` without a checkpoint in the run folder.
-        FileExistsError: a checkpoint exists but `resume` is false.
+        ConfigError: a value is out of range, unknown or does not fit the loop (names the key).
+        RunRefused: the folder is in use, holds a checkpoint (without `resume`), or a resumed
+            run was asked to change what it computes. Nothing was written.
+        CheckpointError: a checkpoint is unreadable or cannot be written.
+        Interrupted: a signal stopped the run; its checkpoint holds every finished step.
         NonFiniteError: too many non-finite meta-gradients in a row.
     """
-    validate(cfg)
-    hydra_dir, choices, explicit = _hydra_context()
-    run = Path(run_dir) if run_dir is not None else (hydra_dir or Path.cwd())
-    run = run.resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(int(cfg.seed))
+    ctx = _hydra_context()
+    run = RunFolder(run_dir if run_dir is not None else (ctx.output_dir or Path.cwd()))
+    try:
+        run.lock()
+        prepared = _prepare(cfg, run, ctx)
+    except (ConfigError, RunRefused, CheckpointError):
+        run.refused()
+        raise
+    except BaseException:
+        run.release()
+        raise
+    try:
+        return _run(prepared, run, ctx)
+    finally:
+        run.release()
 
-    ckpt = run / CHECKPOINT_NAME
-    start = None
-    if cfg.resume:
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"resume=true but {run} has no {CHECKPOINT_NAME}; point hydra.run.dir at the "
-                "folder of the run to continue"
-            )
-        checkpoint = load_checkpoint(ckpt)
-        cfg = config_for_resume(cfg, checkpoint["config"], explicit, run)
-        job = build_job(cfg)
-        start = resume_state(checkpoint, job)
-        log.info("resuming %s from outer step %d", run, start["step"])
-        if hydra_dir is not None and (run / ".hydra").is_dir():
-            # Hydra just wrote the config composed now; record the one the run continues with.
-            (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    elif ckpt.is_file():
-        raise FileExistsError(
-            f"{run} already holds a checkpoint; pass resume=true to continue that run, or "
-            "choose another hydra.run.dir"
-        )
+
+def _run(prepared: _Prepared, run: RunFolder, ctx: _Context) -> LoopResult:
+    cfg, job, start = prepared.cfg, prepared.job, prepared.start
+    overrides = list(ctx.overrides or [])
+    if start is None:
+        run.write_records(OmegaConf.to_yaml(cfg), ctx.hydra_yaml, overrides)
     else:
-        job = build_job(cfg)
+        run.append_resume(overrides, int(start["step"]))
+        log.info("resuming %s from outer step %d", run.path, start["step"])
+    handler = logging.FileHandler(run.path / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    from hydra.utils import instantiate
 
-    logger = _make_logger(cfg, run, start)
+    outer_steps = int(cfg.outer_steps)
+    if getattr(job, "learns_nothing", False):
+        log.info("learn is empty: nothing is learned, the run only evaluates (outer_steps=0)")
+        outer_steps = 0
+    make_logger = instantiate(plain(cfg.logger))
+    logger = make_logger(run_dir=run.path, purge_step=None if start is None else start["step"] + 1)
     if start is None:
         logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
-        if hasattr(job, "layout"):
-            logger.layout(job.layout())
+        logger.layout(job.layout())
     progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    extra = {
+        "config": config_yaml(cfg),
+        "choices": dict(prepared.choices),
+        "submitit_job": _submitit_job(),
+    }
     try:
-        result = run_loop(
-            job,
-            outer_steps=int(cfg.outer_steps),
-            logger=logger,
-            val_every=int(cfg.val_every),
-            checkpoint_every=int(cfg.checkpoint_every),
-            checkpoint_path=ckpt,
-            max_nonfinite=int(cfg.max_nonfinite),
-            progress=bool(progress),
-            start=start,
-            checkpoint_extra={"config": config_yaml(cfg)},
-        )
+        with _stop_requests() as stop:
+            try:
+                result = run_loop(
+                    job,
+                    outer_steps=outer_steps,
+                    logger=logger,
+                    val_every=int(cfg.val_every),
+                    checkpoint_every=int(cfg.checkpoint_every),
+                    checkpoint_path=run.path / CHECKPOINT_NAME,
+                    max_nonfinite=int(cfg.max_nonfinite),
+                    progress=bool(progress),
+                    start=start,
+                    checkpoint_extra=extra,
+                    stop=lambda: stop["signum"],
+                )
+            except Interrupted as e:
+                if stop["chained"] is not None and e.signum != signal.SIGINT:
+                    stop["chained"](e.signum, None)  # submitit requeues the job and exits
+                raise
         final_tags = {f"final/{k.replace('/', '_')}": v for k, v in result.final.items()}
-        logger.hparams(flat_hparams(cfg, choices), final_tags)
+        logger.hparams(_flat_hparams(cfg, prepared.choices), final_tags)
     finally:
         logger.close()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
     learned = {k.removeprefix("meta/"): v for k, v in job.meta_scalars().items()}
     summary = {
         "final": result.final,
         "initial": result.initial,
         "learned": learned,
+        "learned_tensors": {
+            k.removeprefix("meta/"): _describe(v) for k, v in job.meta_tensors().items()
+        },
         "outer_steps": result.steps,
         "skipped_steps": result.nonfinite_total,
     }
-    (run / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (run.path / "metrics.json").write_text(json.dumps(summary, indent=2))
     log.info("final metrics: %s", json.dumps(result.final))
-    _report(result, learned, run, _sweep_dir())
+    _report(
+        result,
+        learned,
+        run.path,
+        ctx.sweep_dir,
+        has_events=bool(getattr(logger, "writes_events", False)),
+    )
     return result
 
 
-def _sweep_dir() -> Path | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def _describe(t: torch.Tensor) -> dict[str, float]:
+    t = t.detach().double()
+    return {
+        "mean": float(t.mean()),
+        "min": float(t.min()),
+        "max": float(t.max()),
+        "numel": t.numel(),
+    }
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return Path(HydraConfig.get().sweep.dir).resolve()
 
+def _flat_hparams(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[str, Any]:
+    """The run's settings as one flat dict of scalars (`group.key` -> value) for HParams."""
+    out: dict[str, Any] = {f"choice/{k}": v for k, v in choices.items() if v is not None}
 
-def _make_logger(cfg: DictConfig, run: Path, start: dict | None):
-    from hydra.utils import instantiate
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k not in ("_target_", "_partial_"):
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, list):
+            out[prefix] = str(node)
+        elif node is not None:
+            out[prefix] = node
 
-    make = instantiate(OmegaConf.to_container(cfg.logger, resolve=True))
-    return make(run_dir=run, purge_step=None if start is None else start["step"] + 1)
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return out
 
 
 def _report(
-    result: LoopResult, learned: dict[str, float], run: Path, sweep: Path | None = None
+    result: LoopResult,
+    learned: dict[str, float],
+    run: Path,
+    sweep: Path | None,
+    has_events: bool,
 ) -> None:
     f = result.final
     lines = [f"\nfinished {result.steps} outer steps ({result.nonfinite_total} skipped)"]
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in f.items())
     if result.initial:
         before = "  ".join(f"{k} {v:.4f}" for k, v in result.initial.items())
         lines.append(f"before:         {before}")
-    lines.append(f"final metrics:  {shown}")
+    lines.append("final metrics:  " + "  ".join(f"{k} {v:.4f}" for k, v in f.items()))
     if learned:
         lines.append("learned:        " + "  ".join(f"{k}={v:.4g}" for k, v in learned.items()))
     lines.append(f"run folder:     {run}")
-    lines.append(f"dashboard:      tensorboard --logdir {run}")
-    if sweep is not None:
-        lines.append(f"whole sweep:    tensorboard --logdir {sweep}")
+    if has_events:
+        lines.append(f"dashboard:      tensorboard --logdir {run}")
+        if sweep is not None:
+            lines.append(f"whole sweep:    tensorboard --logdir {sweep}")
     print("\n".join(lines), flush=True)
+
+
+def _resume_command(run: Path, cfg_trusted: list[str]) -> str:
+    trusted = f" trusted_targets=[{','.join(cfg_trusted)}]" if cfg_trusted else ""
+    return f"python -m metagrad.train hydra.run.dir={run} resume=true{trusted}"
 
 
 def main() -> None:
@@ -184,15 +445,37 @@ def main() -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def _main(cfg: DictConfig) -> float | None:
+        ctx = _hydra_context()
+        code, message = 0, ""
         try:
             result = train(cfg)
-        except ConfigError as e:
-            log.error("%s", e)
-            sys.exit(2)
+        except (ConfigError, RunRefused) as e:
+            code, message = (
+                EXIT_REFUSED,
+                f"Invalid config: {e}" if isinstance(e, ConfigError) else f"Refused: {e}",
+            )
+        except (CheckpointError, NonFiniteError) as e:
+            code, message = EXIT_FAILED, f"Error: {e}"
+        except Interrupted as e:
+            run = ctx.output_dir.resolve() if ctx.output_dir else Path.cwd()
+            code = 128 + e.signum
+            message = (
+                f"stopped after outer step {e.step} with a checkpoint; continue with:\n  "
+                f"{_resume_command(run, list(cfg.trusted_targets))}"
+            )
+        except KeyboardInterrupt:
+            code, message = (
+                128 + signal.SIGINT,
+                "stopped at once; the last periodic checkpoint is kept",
+            )
+        if code:
+            print(message, file=sys.stderr, flush=True)
+            if ctx.multirun:
+                raise RuntimeError(message)
+            sys.exit(code)
         # Returned so that sweepers that optimize (e.g. Optuna) can read the objective.
         return result.final.get("val/loss")
 
-    os.environ.setdefault("HYDRA_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
     _main()
 
 

@@ -108,6 +108,11 @@ class Estimator:
         """Run the inner problem and compute the meta-gradients (None where unused)."""
         raise NotImplementedError
 
+    def live_steps(self, steps: int) -> int:
+        """How many inner steps' graphs this estimator holds at once for a horizon of `steps`
+        (a saved boundary state counts as one): its memory scaling, for resource estimates."""
+        return steps
+
     def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
         started = time.perf_counter()
         grads, outer_loss, run, metrics = self.estimate(problem, meta)

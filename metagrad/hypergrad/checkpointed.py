@@ -70,6 +70,10 @@ class Checkpointed(Estimator):
             return max(1, round(math.sqrt(steps)))
         return min(self.segment, steps)
 
+    def live_steps(self, steps: int) -> int:
+        segment = self.segment_for(steps)
+        return segment + -(-steps // segment)
+
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         steps = problem.steps
         segment = self.segment_for(steps)

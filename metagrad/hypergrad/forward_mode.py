@@ -88,6 +88,9 @@ class ForwardMode(Estimator):
     def __post_init__(self) -> None:
         check_count(self.max_directions, "max_directions")
 
+    def live_steps(self, steps: int) -> int:
+        return 1
+
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         named = dict(meta.named_parameters())
         total = sum(p.numel() for p in named.values())

@@ -80,6 +80,9 @@ class Implicit(Estimator):
             self.solver, self.iters, self.damping, self.step_size, self.tol, method_arg="solver"
         )
 
+    def live_steps(self, steps: int) -> int:
+        return 1
+
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         named = dict(meta.named_parameters())
         _refuse_optimizer_hyperparameters(problem, meta, named)

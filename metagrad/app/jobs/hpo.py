@@ -1,0 +1,257 @@
+"""`loop=hpo`: hyperparameters learned by gradient through whole inner training runs.
+
+Each outer step trains a freshly initialized model for `horizon` inner steps with the inner
+optimizer built from the current meta-parameters, differentiates the validation loss through
+the run with the chosen estimator, and updates the meta-parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from ..._checks import Params
+from ...functional import Functional
+from ...hypergrad import NonFiniteLossError
+from ...hypergrad.base import inner_steps, start
+from ...meta_params import MetaParameters
+from ...optim.base import Optimizer
+from ...problem import InnerProblem
+from ...tasks.protocols import SupervisedTask
+from ..errors import ConfigError, at
+from ..runtime import Runtime, build_model, build_task, make, mix_seed, plain
+from .base import MetaJob
+
+__all__ = ["HPOJob", "LOSS_HYPERS", "build"]
+
+#: Learnable hyperparameters of the inner loss rather than of the optimizer: `l2` adds
+#: 0.5 * l2 * ||w||^2 (per layer or per element with those scopes) to the training loss. The
+#: implicit estimator sees only these.
+LOSS_HYPERS = ("l2",)
+
+
+class HPOJob(MetaJob):
+    """Each outer step trains a fresh model for `horizon` steps and updates the hyperparameters.
+
+    The initial weights, the inner batches and the outer batch of outer step `i` come from
+    seeds derived from `(seed, i)`, so a run is reproducible and a resumed run continues with
+    exactly the batches it would have seen.
+
+    Args:
+        task: the data (a `SupervisedTask`).
+        make_model: builds the model (called under a fixed seed for each initialization).
+        make_optimizer: `(**hyperparameters) -> metagrad.optim optimizer` with the fixed
+            hyperparameters already bound.
+        meta: the learned hyperparameters.
+        per_step: the names of entries of `meta` that are per-step schedules.
+        method: the hypergradient estimator.
+        outer_optimizer: a torch.optim optimizer over `meta.parameters()`.
+        horizon: the inner horizon T.
+        rt: device, dtype, seed, loss and metric.
+        eval_horizon: inner steps of evaluation runs (None: `horizon`).
+    """
+
+    def __init__(
+        self,
+        *,
+        task: SupervisedTask,
+        make_model: Callable[[int], nn.Module],
+        make_optimizer: Callable[..., Optimizer],
+        meta: MetaParameters,
+        per_step: set[str],
+        method: Callable[[InnerProblem, MetaParameters], Any],
+        outer_optimizer: torch.optim.Optimizer,
+        horizon: int,
+        rt: Runtime,
+        eval_horizon: int | None = None,
+    ) -> None:
+        super().__init__(meta, meta, outer_optimizer)
+        self.task = task
+        self.make_model = make_model
+        self.fmodel = Functional(make_model(rt.seed))
+        self.make_optimizer = make_optimizer
+        self.per_step = set(per_step)
+        self.method = method
+        self.horizon = horizon
+        self.eval_horizon = eval_horizon or horizon
+        self.rt = rt
+        self.pairs = {
+            name: where
+            for name, where in make_optimizer.func.learnable_names().items()  # type: ignore[attr-defined]
+            if where[1] is not None
+        }
+
+    # ------------------------------------------------------------------ the inner problem
+    def init_params(self, seed: int) -> Params:
+        """Freshly initialized weights, the same for the same seed."""
+        return {n: p.detach() for n, p in self.make_model(seed).named_parameters()}
+
+    def optimizer(self, meta: MetaParameters, t: int) -> Optimizer:
+        """The inner optimizer of inner step `t`, built from the meta-parameters' values."""
+        values: dict[str, Any] = {}
+        for name in meta.entry_names():
+            if name in LOSS_HYPERS:
+                continue
+            # A schedule in longer runs (eval_horizon > horizon) keeps its last value.
+            step = min(t, self.horizon - 1) if name in self.per_step else None
+            value = meta.value(name, step=step)
+            if name in self.pairs:
+                field, i = self.pairs[name]
+                pair = list(values.get(field, self.make_optimizer.keywords.get(field)))  # type: ignore[attr-defined]
+                pair[i] = value
+                values[field] = tuple(pair)
+            else:
+                values[name] = value
+        return self.make_optimizer(**values)
+
+    def loss(self, params: Params, meta: MetaParameters, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The task's loss of the model with `params` on `batch`."""
+        x, y = batch
+        return self.rt.loss(self.fmodel(params, x), y)
+
+    def inner_loss(
+        self, params: Params, meta: MetaParameters, batch: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """The training loss: the task's loss plus any learned L2 penalty."""
+        loss = self.loss(params, meta, batch)
+        if "l2" in meta.entry_names():
+            l2 = meta.value("l2")
+            for name, p in params.items():
+                coef = l2[name] if isinstance(l2, dict) else l2
+                loss = loss + 0.5 * (coef * p * p).sum()
+        return loss
+
+    def problem(self, index: int, horizon: int | None = None, salt: int = 0) -> InnerProblem:
+        """The inner problem of outer step `index`."""
+        s = mix_seed(self.rt.seed, index, salt)
+        steps = horizon or self.horizon
+        train = self.task.split("train")
+        return InnerProblem(
+            init=self.rt.to(self.init_params(s)),
+            optimizer=self.optimizer,
+            inner_loss=self.inner_loss,
+            outer_loss=self.loss,
+            inner_batches=self.rt.batches(self.task.train_batches(s, steps)),
+            outer_batch=self.rt.to(self.task.val_batch(s)),
+            steps=steps,
+            implicit_batch=None if train is None else self.rt.to(train),
+        )
+
+    # ------------------------------------------------------------------ the job
+    def compute(self, index: int) -> dict[str, float]:
+        result = self.method(self.problem(index), self.meta)
+        result.apply(self.meta)  # non-finite values too: the skeleton names and skips them
+        return dict(result.metrics)
+
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Train a fresh model with the current hyperparameters (no graph) and score it."""
+        problem = self.problem(0, self.eval_horizon, salt=1)
+        out: dict[str, float] = {}
+        try:
+            run = start(problem, self.meta, track=False)
+            run = inner_steps(
+                problem, self.meta, run, range(problem.steps), create_graph=False, track=False
+            )
+        except NonFiniteLossError:
+            return {"val/train_loss": float("nan"), "val/loss": float("nan")}
+        params = run.params
+        last = run.last_loss
+        out["val/train_loss"] = float("nan") if last is None else float(last.detach())
+        names = ("val", "test") if final else ("val",)
+        with torch.no_grad():
+            for name in names:
+                split = self.task.split(name)
+                if split is None:
+                    continue
+                x, y = self.rt.to(split)
+                prediction = self.fmodel(params, x)
+                out[f"{name}/loss"] = float(self.rt.loss(prediction, y))
+                if self.rt.metric is not None:
+                    label, fn = self.rt.metric
+                    out[f"{name}/{label}"] = float(fn(prediction, y))
+        return out
+
+    @property
+    def learns_nothing(self) -> bool:
+        """True when no hyperparameter is learned (`learn=none`): the run only evaluates."""
+        return not self.meta.entry_names()
+
+
+def build(cfg: DictConfig, rt: Runtime) -> HPOJob:
+    """Task, model, inner optimizer, meta-parameters, estimator and outer optimizer."""
+    task = build_task(cfg, rt)
+    if not isinstance(task, SupervisedTask):
+        raise ConfigError(
+            f"task: loop=hpo trains on a supervised task (train_batches, val_batch, split), but "
+            f"{type(task).__name__} is not one; use task=digits or your own TensorTask, or "
+            "loop=fewshot for episodic tasks"
+        )
+    for key in ("inner_optim", "hypergrad", "outer_optim"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{key}: loop=hpo needs one (e.g. {key}=<option>)")
+    make_model = functools.partial(build_model, cfg, task, rt)
+    make_optimizer = make("inner_optim", cfg.inner_optim)
+    if not (
+        isinstance(make_optimizer, functools.partial)
+        and isinstance(make_optimizer.func, type)
+        and issubclass(make_optimizer.func, Optimizer)
+    ):
+        raise ConfigError(
+            "inner_optim: loop=hpo needs a metagrad.optim optimizer (e.g. inner_optim=sgd)"
+        )
+    with at("inner_optim"):
+        make_optimizer()  # validates the fixed hyperparameters now, naming the bad one
+    params = {n: p.detach() for n, p in make_model(rt.seed).named_parameters()}
+    learnable = make_optimizer.func.learnable_names()
+    meta = MetaParameters()
+    per_step: set[str] = set()
+    for name, entry in (plain(cfg.learn) or {}).items():
+        path = f"learn.{name}"
+        if name not in learnable and name not in LOSS_HYPERS:
+            raise ConfigError(
+                f"{path}: {make_optimizer.func.__name__} has no learnable hyperparameter "
+                f"'{name}' (it has {list(learnable)}; the inner loss has {list(LOSS_HYPERS)})"
+            )
+        init = entry["init"]
+        if init is None:
+            if name in LOSS_HYPERS:
+                raise ConfigError(f"{path}.init: {name} needs an initial value")
+            field, i = learnable[name]
+            value = make_optimizer.keywords.get(field, make_optimizer.func.defaults()[field])
+            init = value if i is None else list(value)[i]
+        if name in LOSS_HYPERS and entry["per_step"]:
+            raise ConfigError(f"{path}.per_step: {name} is a term of the loss, not a schedule")
+        constraint = None if entry["constraint"] == "none" else entry["constraint"]
+        with at(path):
+            meta.add(
+                name,
+                float(init),
+                constraint=constraint,
+                scope=entry["scope"],
+                params=params,
+                steps=int(cfg.horizon) if entry["per_step"] else None,
+            )
+        if entry["per_step"]:
+            per_step.add(name)
+    meta.to(rt.device)
+    method = make("hypergrad", cfg.hypergrad)
+    outer = make("outer_optim", cfg.outer_optim)
+    with at("outer_optim"):
+        outer = outer(list(meta.parameters()) or [torch.zeros(1, requires_grad=True)])
+    return HPOJob(
+        task=task,
+        make_model=make_model,
+        make_optimizer=make_optimizer,
+        meta=meta,
+        per_step=per_step,
+        method=method,
+        outer_optimizer=outer,
+        horizon=int(cfg.horizon),
+        rt=rt,
+        eval_horizon=cfg.eval_horizon,
+    )
