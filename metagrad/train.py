@@ -43,7 +43,7 @@ from .app.runfolder import RunFolder
 from .app.runtime import Runtime, plain, resolve_device
 from .app.settings import check_settings
 
-__all__ = ["train", "main", "config_dir"]
+__all__ = ["build", "train", "main", "config_dir"]
 
 log = logging.getLogger("metagrad.train")
 
@@ -176,23 +176,7 @@ def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context) -> _Prepared:
             int(checkpoint["loop"]["step"]),
         )
         choices = saved_choices or choices
-    _check(cfg)
-    cfg = _prune(cfg, ctx)
-    rt = Runtime(
-        device=resolve_device(cfg.device),
-        dtype=getattr(torch, cfg.dtype),
-        seed=int(cfg.seed),
-        explicit=None
-        if ctx.overrides is None
-        else [o.split("=", 1)[0].lstrip("+~") for o in ctx.overrides],
-    )
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(int(cfg.seed))
-    try:
-        job = JOBS[cfg.loop](cfg, rt)
-    except OmegaConfBaseException as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
+    cfg, job = build(cfg, ctx.overrides)
     start = None
     if checkpoint is not None:
         try:
@@ -203,8 +187,42 @@ def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context) -> _Prepared:
                 "was not used"
             ) from None
     if cfg.loop == "hpo":
-        _guard_memory(cfg, job, rt)
+        _guard_memory(cfg, job, job.rt)
     return _Prepared(cfg, job, start, choices)
+
+
+def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[DictConfig, Any]:
+    """Check `cfg` and build its job, without a run folder (nothing is written).
+
+    Args:
+        cfg: a composed config.
+        overrides: the command-line overrides (None: unknown).
+
+    Returns:
+        The config the job was built from (groups its loop does not use set to None) and
+        the job.
+
+    Raises:
+        ConfigError: naming the key of the first bad value.
+    """
+    _check(cfg)
+    cfg = _prune(cfg, _Context(overrides=overrides))
+    rt = Runtime(
+        device=resolve_device(cfg.device),
+        dtype=getattr(torch, cfg.dtype),
+        seed=int(cfg.seed),
+        explicit=None
+        if overrides is None
+        else [o.split("=", 1)[0].lstrip("+~") for o in overrides],
+    )
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+    try:
+        job = JOBS[cfg.loop](cfg, rt)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return cfg, job
 
 
 def _guard_memory(cfg: DictConfig, job: Any, rt: Runtime) -> None:
@@ -437,10 +455,55 @@ def _resume_command(run: Path, cfg_trusted: list[str]) -> str:
     return f"python -m metagrad.train hydra.run.dir={run} resume=true{trusted}"
 
 
+def usage() -> str:
+    """The `--help` text: every group with the options a user picks, and how to run."""
+    from .app.configs import GROUPS
+
+    lines = [
+        "python -m metagrad.train [group=option ...] [key=value ...]",
+        "",
+        "Meta-learning and hyperparameter gradients, configured with Hydra. Runs one of three",
+        "loops (loop=hpo | fewshot | online); presets set up whole experiments.",
+        "",
+        "Config groups (group=option):",
+    ]
+    folder = config_dir()
+    names = list(GROUPS) + ["learn", "experiment"]
+    for group in sorted(set(names), key=names.index):
+        found = (
+            {p.stem for p in (folder / group).glob("*.yaml")}
+            if (folder / group).is_dir()
+            else set()
+        )
+        if group in GROUPS:
+            found |= set(GROUPS[group].discover())
+        what = (
+            GROUPS[group].what
+            if group in GROUPS
+            else {
+                "learn": "what loop=hpo learns (hyperparameters, scopes, schedules)",
+                "experiment": "presets (configs/experiment/)",
+            }[group]
+        )
+        lines.append(f"  {group}: {', '.join(sorted(found))}")
+        lines.append(f"      {what}")
+    lines += [
+        "",
+        "Show the composed config:    python -m metagrad.train --cfg job [overrides]",
+        "Sweep (one run per value):   python -m metagrad.train -m hypergrad=unrolled,checkpointed",
+        "Continue a run:              python -m metagrad.train hydra.run.dir=<run> resume=true",
+        "Hydra's own options:         python -m metagrad.train --hydra-help",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Command-line entry point (Hydra parses the arguments)."""
     import hydra
 
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(usage())
+        return
     register_configs()
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")

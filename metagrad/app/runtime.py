@@ -118,7 +118,7 @@ class Runtime:
 def make(path: str, node: Any, **supplied: Any) -> Any:
     """`hydra.utils.instantiate(node, **supplied)`, with errors naming config key `path`."""
     with at(path):
-        return instantiate(plain(node), **supplied)
+        return instantiate(plain(node), _convert_="all", **supplied)
 
 
 def _loss_spec(spec: Any, path: str, table: dict[str, LossFn]) -> tuple[str, LossFn] | None:

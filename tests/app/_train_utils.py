@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 # A run small enough for a test: a tiny MLP, a short horizon, few outer steps.
 TINY = [
     "model.hidden=[16]",
-    "hypergrad.steps=5",
+    "horizon=5",
     "task.batch_size=32",
     "task.outer_batch_size=64",
     "outer_steps=4",
@@ -19,6 +20,20 @@ TINY = [
     "checkpoint_every=2",
     "threads=1",
 ]
+
+# A few-shot run small enough for a test.
+FEWSHOT = [
+    "experiment=maml_sine",
+    "outer_steps=2",
+    "eval_tasks=12",
+    "meta_batch=4",
+    "model.hidden=[8]",
+    "val_every=1",
+    "checkpoint_every=1",
+]
+
+# An online run small enough for a test.
+ONLINE = ["experiment=hd_digits", "outer_steps=2", "model.hidden=[16]", "val_every=1"]
 
 
 def env() -> dict[str, str]:
@@ -30,13 +45,17 @@ def env() -> dict[str, str]:
     return out
 
 
+def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    """The command line of a run into `run_dir`."""
+    return [sys.executable, "-m", "metagrad.train", f"hydra.run.dir={run_dir}", *overrides]
+
+
 def run_train(
     run_dir: Path, *overrides: str, cwd: Path | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m metagrad.train` into `run_dir` and return the finished process."""
-    cmd = [sys.executable, "-m", "metagrad.train", f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.run(
-        cmd,
+        train_cmd(run_dir, *overrides),
         cwd=cwd or run_dir.parent,
         env=env(),
         capture_output=True,
@@ -54,9 +73,18 @@ def compose_cfg(*overrides: str):
     """Compose `configs/train.yaml` in-process with `overrides` (no command line, no run)."""
     from hydra import compose, initialize_config_dir
 
-    from metagrad.app.schema import register_configs
+    from metagrad.app.configs import register_configs
     from metagrad.train import config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file below `folder` (hidden ones included) and a hash of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
