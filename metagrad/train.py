@@ -42,6 +42,7 @@ from .app.resume import check_targets, config_yaml, continue_config
 from .app.runfolder import RunFolder
 from .app.runtime import Runtime, plain, resolve_device
 from .app.settings import check_settings
+from .hypergrad import NonFiniteLossError
 
 __all__ = ["build", "train", "main", "config_dir"]
 
@@ -228,7 +229,11 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[DictConf
 def _guard_memory(cfg: DictConfig, job: Any, rt: Runtime) -> None:
     if job.learns_nothing:
         return
-    estimate = estimate_hpo_memory(job)
+    try:
+        estimate = estimate_hpo_memory(job)
+    except NonFiniteLossError as e:
+        log.warning("memory estimate skipped: a short probe run failed (%s)", e)
+        return
     free = available_memory(rt.device)
     log.info(
         "estimated peak memory of one outer step: %s; available: %s",

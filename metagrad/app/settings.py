@@ -7,14 +7,14 @@ reports, where it runs); every library object in a config is described by its ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import MISSING
 
 from .._checks import ArgumentError, check_choice, check_count, check_number
 
-__all__ = ["TrainSettings", "LearnEntry", "LOOPS", "check_settings"]
+__all__ = ["TrainSettings", "LearnEntry", "LOOPS", "check_settings", "learn_entry"]
 
 #: The kinds of run `loop=` selects.
 LOOPS = ("hpo", "online", "fewshot")
@@ -38,7 +38,7 @@ class TrainSettings:
     task: Any = MISSING
     model: Any = MISSING
     inner_optim: Any = None
-    learn: dict[str, LearnEntry] | None = None
+    learn: dict[str, Any] | None = None  # name -> LearnEntry fields (checked by loop=hpo)
     hypergrad: Any = None
     learner: Any = None
     online_optim: Any = None
@@ -70,6 +70,34 @@ class TrainSettings:
     eval_tasks: int = 600  # test tasks of the final evaluation (validation uses a sixth)
     eval_inner_steps: list[int] | None = None  # None: [0, learner.inner_steps]
     learned_lr_outer_lr: float | None = None  # outer lr of learned inner lrs; None: same
+
+
+def learn_entry(name: str, entry: Any) -> LearnEntry:
+    """A `learn` entry as a checked `LearnEntry`.
+
+    Raises:
+        ArgumentError: the entry is not a mapping, has unknown keys or wrongly typed values.
+    """
+    path = f"learn.{name}"
+    if not isinstance(entry, dict):
+        raise ArgumentError(
+            path, f"{path} must be a mapping like {{init: 0.01, scope: per_layer}}, got {entry!r}"
+        )
+    allowed = [f.name for f in fields(LearnEntry)]
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        raise ArgumentError(path, f"{path} has unknown keys {unknown} (allowed: {allowed})")
+    init = entry.get("init")
+    if init is not None:
+        check_number(init, f"{path}.init")
+    check_choice(
+        entry.get("constraint", "positive"), f"{path}.constraint", ("positive", "unit", "none")
+    )
+    check_choice(
+        entry.get("scope", "scalar"), f"{path}.scope", ("scalar", "per_layer", "per_element")
+    )
+    check_choice(entry.get("per_step", False), f"{path}.per_step", (True, False))
+    return LearnEntry(**entry)
 
 
 def check_settings(cfg: Any) -> None:

@@ -175,6 +175,13 @@ class Optimizer(Generic[State]):
         return out
 
     @classmethod
+    def bounds(cls, name: str) -> tuple[float, float | None, bool]:
+        """`(low, high, high_open)` of the hyperparameter (or pair component) `name`."""
+        field, _ = cls.learnable_names()[name]
+        m = next(f for f in dataclasses.fields(cls) if f.name == field).metadata
+        return m["low"], m["high"], m["high_open"]
+
+    @classmethod
     def defaults(cls) -> dict[str, Any]:
         """The default value of every field."""
         return {f.name: f.default for f in dataclasses.fields(cls)}

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from ..._checks import Params
+from ..._checks import ArgumentError, Params
 from ...functional import Functional
 from ...hypergrad import NonFiniteLossError
 from ...hypergrad.base import inner_steps, start
@@ -25,6 +25,7 @@ from ...problem import InnerProblem
 from ...tasks.protocols import SupervisedTask
 from ..errors import ConfigError, at
 from ..runtime import Runtime, build_model, build_task, make, mix_seed, plain
+from ..settings import learn_entry
 from .base import MetaJob
 
 __all__ = ["HPOJob", "LOSS_HYPERS", "build"]
@@ -210,33 +211,46 @@ def build(cfg: DictConfig, rt: Runtime) -> HPOJob:
     learnable = make_optimizer.func.learnable_names()
     meta = MetaParameters()
     per_step: set[str] = set()
-    for name, entry in (plain(cfg.learn) or {}).items():
+    for name, raw in (plain(cfg.learn) or {}).items():
         path = f"learn.{name}"
+        try:
+            entry = learn_entry(name, raw)
+        except ArgumentError as e:
+            raise ConfigError(f"{e.arg}: {e}") from None
         if name not in learnable and name not in LOSS_HYPERS:
             raise ConfigError(
                 f"{path}: {make_optimizer.func.__name__} has no learnable hyperparameter "
                 f"'{name}' (it has {list(learnable)}; the inner loss has {list(LOSS_HYPERS)})"
             )
-        init = entry["init"]
+        init = entry.init
         if init is None:
             if name in LOSS_HYPERS:
                 raise ConfigError(f"{path}.init: {name} needs an initial value")
             field, i = learnable[name]
             value = make_optimizer.keywords.get(field, make_optimizer.func.defaults()[field])
             init = value if i is None else list(value)[i]
-        if name in LOSS_HYPERS and entry["per_step"]:
+        if name in LOSS_HYPERS and entry.per_step:
             raise ConfigError(f"{path}.per_step: {name} is a term of the loss, not a schedule")
-        constraint = None if entry["constraint"] == "none" else entry["constraint"]
+        constraint = None if entry.constraint == "none" else entry.constraint
+        if name in learnable:
+            low, high, high_open = make_optimizer.func.bounds(name)
+            if high is not None and constraint != "unit":
+                allowed = f"[{low}, {high}{')' if high_open else ']'}"
+                raise ConfigError(
+                    f"{path}.constraint: {name} must stay in {allowed}, which only "
+                    "constraint: unit guarantees while it is learned (got "
+                    f"{entry.constraint})"
+                )
         with at(path):
             meta.add(
                 name,
                 float(init),
                 constraint=constraint,
-                scope=entry["scope"],
+                scope=entry.scope,
                 params=params,
-                steps=int(cfg.horizon) if entry["per_step"] else None,
+                steps=int(cfg.horizon) if entry.per_step else None,
             )
-        if entry["per_step"]:
+        if entry.per_step:
             per_step.add(name)
     meta.to(rt.device)
     method = make("hypergrad", cfg.hypergrad)
