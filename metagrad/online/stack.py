@@ -83,7 +83,16 @@ _KEY = "p"  # the name of the one tensor in each call of a pure optimizer on a p
 
 
 def _detach(tree: Any) -> Any:
-    return torch.utils._pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, tree)
+    """`tree` (tensors in dicts, lists, tuples and NamedTuples) with every tensor detached."""
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if isinstance(tree, dict):
+        return {k: _detach(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a NamedTuple optimizer state
+        return type(tree)(*(_detach(v) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_detach(v) for v in tree)
+    return tree
 
 
 def _number(value: Any, arg: str) -> float:
@@ -437,22 +446,66 @@ def _to(tree: Any, device: torch.device, dtype: torch.dtype | None = None) -> An
     return torch.utils._pytree.tree_map(move, tree)
 
 
+class _Unit:
+    """Parameters of a group that level 0 updates as one flat vector, in one call.
+
+    A group's parameters with gradients form one unit when they share a dtype and device (one
+    update and one graph for all of them, as torch.optim's `foreach` does); otherwise, and
+    once the set of parameters with gradients changes, each parameter is a unit of its own,
+    with its own state (torch.optim's per-parameter semantics: a parameter without a gradient
+    is skipped and its state kept).
+    """
+
+    __slots__ = ("positions", "state")
+
+    def __init__(self, positions: list[int], state: dict[str, Any] | None = None) -> None:
+        self.positions = positions  # indices into the group's params
+        self.state = state  # level 0's state of the flat vector (None before its first step)
+
+
 class _Stack:
     """What one param group's stack carries from one step to the next."""
 
     def __init__(self) -> None:
         self.step = 0
         # Levels 0 .. n-2: the stored values used at the last step. They require grad and carry
-        # the graph of the last step from the level above; the last step's parameter updates
-        # (`outputs`) carry the graph from them.
+        # the graph of the last step from the level above; the last step's updates of the
+        # units (`outputs`) carry the graph from them.
         self.stored: list[dict[str, Tensor]] = []
         self.upper: list[Any] = []  # pure optimizer states of levels 1 .. n-1
-        self.outputs: list[tuple[Tensor, Tensor]] = []  # (param, its last update with graph)
-        # The inputs of the last step (stored values before it, hypergradients, states of the
-        # levels above, all values used), from which `load_state_dict` rebuilds its graph.
+        self.units: list[_Unit] = []
+        self.outputs: list[tuple[_Unit, Tensor]] = []  # (unit, its last update with graph)
+        # The inputs of the last step (stored values, hypergradients, states of the levels
+        # above and of the units before it, previous params and gradients, all values used),
+        # from which `load_state_dict` rebuilds its graph.
         self.previous: dict[str, Any] | None = None
         self.hypergrads: list[dict[str, Tensor | None] | None] | None = None
         self.seen: list[dict[str, Any]] = []  # the group's values as last written or read
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    """A new 1-D tensor holding `tensors` one after another."""
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1).clone()
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _split_unit(unit: _Unit, params: list[Tensor]) -> list[_Unit]:
+    """One unit per parameter, each with its slice of the unit's state."""
+    if len(unit.positions) == 1:
+        return [unit]
+    sizes = [params[i].numel() for i in unit.positions]
+    parts: list[dict[str, Any] | None] = [None] * len(sizes)
+    if unit.state is not None:
+        parts = [{} for _ in sizes]
+        for key, value in unit.state.items():
+            if isinstance(value, Tensor) and value.dim() == 1 and value.numel() == sum(sizes):
+                for part, piece in zip(parts, value.split(sizes), strict=True):
+                    part[key] = piece.clone()
+            else:
+                for part in parts:
+                    part[key] = value
+    return [_Unit([i], part) for i, part in zip(unit.positions, parts, strict=True)]
 
 
 class Hyperoptimizer(torch.optim.Optimizer):
@@ -521,6 +574,7 @@ class Hyperoptimizer(torch.optim.Optimizer):
         # What each level learns: the top one has nothing above it.
         self._learn: list[tuple[str, ...]] = [lvl.learn for lvl in self.levels[:-1]] + [()]
         self._stacks: list[_Stack] = []
+        self._flats: dict[tuple[int, str], Tensor] = {}
         defaults = dict(self.levels[0].values)
         defaults["hyper"] = [dict(lvl.values) for lvl in self.levels[1:]]
         super().__init__(params, defaults)
@@ -641,14 +695,14 @@ class Hyperoptimizer(torch.optim.Optimizer):
             hypergrads: levels 0 .. n-2: the hypergradient of each stored value (None where
                 there is none); None on a step without any.
             upper_prev: the pure states of levels 1 .. n-1 before this step.
-            base: (params before the step, gradient, per-parameter state or None) for each
-                parameter to update.
+            base: (flat params before the step, flat gradient, state or None) for each unit
+                to update.
 
         Returns:
             The new stored values (requiring grad, with the graph from the level above), the
-            new states of the levels above (detached), the updated parameters (with the graph
-            from the stored values), their new states (detached) and the constrained values
-            used by each level.
+            new states of the levels above (detached), the units' updated flat params (with
+            the graph from the stored values), their new states (detached) and the
+            constrained values used by each level.
         """
         n = self.height
         stored: list[dict[str, Tensor]] = [{} for _ in range(n - 1)]
@@ -676,7 +730,11 @@ class Hyperoptimizer(torch.optim.Optimizer):
             stored[k] = new
         level = self.levels[0]
         used[0] = self._constrained(0, stored[0]) if n > 1 else {}
-        opt = level.build(values[0], used[0])
+        # In the parameters' dtype: one cast per value and step, rather than one in every
+        # operation (and its backward) that mixes a float64 value with float32 tensors.
+        dtype = base[0][0].dtype if base else None
+        cast = {name: v if v.dtype == dtype else v.to(dtype) for name, v in used[0].items()}
+        opt = level.build(values[0], cast)
         params, states = [], []
         for prev, grad, flat in base:
             state = opt.init({_KEY: prev}) if flat is None else level.pure_state(flat)
@@ -686,7 +744,7 @@ class Hyperoptimizer(torch.optim.Optimizer):
         return stored, upper, params, states, used
 
     def _hypergradients(
-        self, stacks: list[_Stack | None], values: list[list[dict[str, Any]] | None]
+        self, stacks: list[_Stack], values: list[list[dict[str, Any]]]
     ) -> list[list[dict[str, Tensor | None] | None] | None]:
         """Every group's hypergradients: one vector-Jacobian product through the last step.
 
@@ -697,17 +755,23 @@ class Hyperoptimizer(torch.optim.Optimizer):
         outputs: list[Tensor] = []
         cotangents: list[Tensor] = []
         inputs: list[Tensor] = []
-        spans: list[tuple[int, int, int] | None] = []
-        for stack, vals in zip(stacks, values, strict=True):
-            if stack is None or vals is None or not stack.outputs:
-                spans.append(None)
-                continue
+        spans: list[tuple[int, int, int]] = []
+        for group, stack, vals in zip(self.param_groups, stacks, values, strict=True):
             wd = vals[0]["weight_decay"]
+            params = group["params"]
             count = 0
-            for p, out in stack.outputs:
-                if p.grad is None or not out.requires_grad:
+            for unit, out in stack.outputs:
+                members = [params[i] for i in unit.positions]
+                if not out.requires_grad or all(p.grad is None for p in members):
                     continue
-                cotangent = p.grad if wd == 0 else p.grad.add(p.detach(), alpha=wd)
+                if all(p.grad is not None for p in members):
+                    cotangent = self._flat_of(unit, members, "grad")
+                else:
+                    cotangent = _flat(
+                        [torch.zeros_like(p) if p.grad is None else p.grad for p in members]
+                    )
+                if wd != 0:
+                    cotangent = cotangent.add(self._flat_of(unit, members, "param"), alpha=wd)
                 outputs.append(out)
                 cotangents.append(cotangent)
                 count += 1
@@ -720,11 +784,11 @@ class Hyperoptimizer(torch.optim.Optimizer):
             return [None] * len(stacks)
         grads = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
         result: list[list[dict[str, Tensor | None] | None] | None] = []
-        for stack, span in zip(stacks, spans, strict=True):
-            if stack is None or span is None or span[2] == 0:
+        for stack, (start, end, count) in zip(stacks, spans, strict=True):
+            if count == 0:
                 result.append(None)
                 continue
-            found = iter(grads[span[0] : span[1]])
+            found = iter(grads[start:end])
             result.append([{name: next(found) for name in level} for level in stack.stored])
         return result
 
@@ -742,26 +806,56 @@ class Hyperoptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stacks: list[_Stack | None] = []
-        values: list[list[dict[str, Any]] | None] = []
-        todo: list[list[Tensor]] = []
+        stacks, values = [], []
         for i, group in enumerate(self.param_groups):
             stack = self._stack(i)
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
                     raise ValueError("Hyperoptimizer does not support sparse gradients")
             current = self._read(group, i, validate=False)
             if current != stack.seen:  # a value was written since the last step
                 current = self._read(group, i, validate=True)
             stacks.append(stack)
             values.append(current)
-            todo.append(params)
-        with torch.enable_grad():
-            hypergrads = self._hypergradients(stacks, values)
-            for i, group in enumerate(self.param_groups):
-                self._step_group(i, group, stacks[i], values[i], hypergrads[i], todo[i])
+        self._flats: dict[tuple[int, str], Tensor] = {}
+        try:
+            with torch.enable_grad():
+                hypergrads = self._hypergradients(stacks, values)
+                for i, group in enumerate(self.param_groups):
+                    self._step_group(i, group, stacks[i], values[i], hypergrads[i])
+        finally:
+            self._flats = {}
         return loss
+
+    def _flat_of(self, unit: _Unit, members: list[Tensor], what: str) -> Tensor:
+        """The unit's parameters or gradients as one new 1-D tensor, made once per step (the
+        hypergradient's cotangent and the update both use them)."""
+        key = (id(unit), what)
+        found = self._flats.get(key)
+        if found is None:
+            tensors = [p.detach() if what == "param" else p.grad.detach() for p in members]
+            found = self._flats[key] = _flat(tensors)
+        return found
+
+    def _arrange(self, stack: _Stack, params: list[Tensor], active: list[int]) -> list[_Unit]:
+        """The units that step now (every member has a gradient); regroups where needed."""
+        if not stack.units:
+            first = [params[i] for i in active]
+            same = all(p.dtype == first[0].dtype and p.device == first[0].device for p in first)
+            stack.units = [_Unit(active)] if active and same else [_Unit([i]) for i in active]
+            return list(stack.units)
+        now = set(active)
+        units: list[_Unit] = []
+        for unit in stack.units:
+            inside = sum(i in now for i in unit.positions)
+            if 0 < inside < len(unit.positions):  # some members have no gradient: split
+                units.extend(_split_unit(unit, params))
+            else:
+                units.append(unit)
+        covered = {i for unit in units for i in unit.positions}
+        units.extend(_Unit([i]) for i in active if i not in covered)
+        stack.units = units
+        return [u for u in units if all(i in now for i in u.positions)]
 
     def _step_group(
         self,
@@ -770,9 +864,9 @@ class Hyperoptimizer(torch.optim.Optimizer):
         stack: _Stack,
         values: list[dict[str, Any]],
         hypergrads: list[dict[str, Tensor | None] | None] | None,
-        params: list[Tensor],
     ) -> None:
         n = self.height
+        params = group["params"]
         stored_prev = []
         for k in range(n - 1):
             level, old = self.levels[k], stack.seen[k]
@@ -785,43 +879,40 @@ class Hyperoptimizer(torch.optim.Optimizer):
                 else:
                     now[name] = t.detach()
             stored_prev.append(now)
-        if not params:
+        units = self._arrange(
+            stack, params, [i for i, p in enumerate(params) if p.grad is not None]
+        )
+        if not units:
             # Nothing to update; values stay, and the next step has no hypergradient.
-            stack.stored = [{n_: t.requires_grad_() for n_, t in lv.items()} for lv in stored_prev]
+            stack.stored = [{k: t.requires_grad_() for k, t in lv.items()} for lv in stored_prev]
             stack.previous = None
             stack.hypergrads = None
-            for p in group["params"]:
-                self.state.get(p, {}).pop("previous", None)
             used = [self._constrained(k, s) for k, s in enumerate(stack.stored)]
             self._mirror(index, group, stack, used)
             return
-        track = n > 1
         base = []
-        for p in params:
-            state = self.state[p].get("state")
-            prev = p.detach().clone() if track else p.detach()
-            grad = p.grad.detach().clone() if track else p.grad.detach()
-            base.append((prev, grad, state))
+        for unit in units:
+            members = [params[i] for i in unit.positions]
+            prev = self._flat_of(unit, members, "param")
+            grad = self._flat_of(unit, members, "grad")
+            base.append((prev, grad, unit.state))
         upper_prev = stack.upper
         stored, upper, new_params, new_states, used = self._advance(
             values, stored_prev, hypergrads, upper_prev, base
         )
         with torch.no_grad():
-            for p, new in zip(params, new_params, strict=True):
-                p.copy_(new)
-        updated = set()
-        for p, (prev, grad, state), new_state in zip(params, base, new_states, strict=True):
-            entry = {"state": new_state}
-            if track:
-                entry["previous"] = {"param": prev, "grad": grad, "state": state}
-            self.state[p] = entry
-            updated.add(id(p))
-        for p in group["params"]:
-            if id(p) not in updated:
-                self.state.get(p, {}).pop("previous", None)
+            targets, pieces = [], []
+            for unit, new in zip(units, new_params, strict=True):
+                members = [params[i] for i in unit.positions]
+                parts = [new] if len(members) == 1 else new.split([p.numel() for p in members])
+                targets.extend(members)
+                pieces.extend(part.view_as(p) for p, part in zip(members, parts, strict=True))
+            torch._foreach_copy_(targets, pieces)
+        for unit, state in zip(units, new_states, strict=True):
+            unit.state = state
         stack.step += 1
-        if track:
-            stack.outputs = list(zip(params, new_params, strict=True))
+        if n > 1:
+            stack.outputs = list(zip(units, new_params, strict=True))
             stack.stored = stored
             stack.upper = upper
             stack.hypergrads = hypergrads
@@ -830,6 +921,10 @@ class Hyperoptimizer(torch.optim.Optimizer):
                 "hypergrads": hypergrads,
                 "upper": upper_prev,
                 "values": values,
+                "base": [
+                    (unit.positions, prev, grad, state)
+                    for unit, (prev, grad, state) in zip(units, base, strict=True)
+                ],
             }
         self._mirror(index, group, stack, used[: n - 1])
 
@@ -869,12 +964,12 @@ class Hyperoptimizer(torch.optim.Optimizer):
         return [{"kind": type(lvl).__name__, "learn": list(lvl.learn)} for lvl in self.levels]
 
     def state_dict(self) -> dict[str, Any]:
-        """The torch.optim state dict plus the stack's own state under `"stack"`.
+        """The torch.optim state dict, with the stacks' state under `"stack"`.
 
-        Per parameter (`"state"`): its optimizer state and the inputs of the last step
-        (previous value, gradient, previous state). Per group (`"stack"`): the learned
-        values, the states of the levels above, the hypergradients and values of the last
-        step. Only tensors, numbers, strings, None and containers.
+        Per group: the learned values, the states of the levels above and of level 0 (per
+        unit of parameters), and the inputs of the last step (previous parameters, gradients,
+        states, hypergradients and values), from which `load_state_dict` rebuilds its graph.
+        Only tensors, numbers, strings, None and containers.
         """
         for i in range(len(self.param_groups)):
             self._stack(i)
@@ -891,12 +986,19 @@ class Hyperoptimizer(torch.optim.Optimizer):
                         self.levels[k + 1].plain_state(s) for k, s in enumerate(prev["upper"])
                     ],
                     "values": copy.deepcopy(prev["values"]),
+                    "base": [
+                        {"positions": list(pos), "param": p, "grad": g, "state": s}
+                        for pos, p, g, s in prev["base"]
+                    ],
                 }
             groups.append(
                 {
                     "step": stack.step,
                     "stored": _detach(stack.stored),
                     "upper": [self.levels[k + 1].plain_state(s) for k, s in enumerate(stack.upper)],
+                    "units": [
+                        {"positions": list(u.positions), "state": u.state} for u in stack.units
+                    ],
                     "seen": copy.deepcopy(stack.seen),
                     "previous": previous,
                 }
@@ -925,17 +1027,27 @@ class Hyperoptimizer(torch.optim.Optimizer):
             raise ValueError("loaded state dict has a different number of parameter groups")
         super().load_state_dict(state_dict)
         self._stacks = []
-        for i, group in enumerate(self.param_groups):
-            self._stacks.append(self._restore(group, saved["groups"][i]))
+        for group, entry in zip(self.param_groups, saved["groups"], strict=True):
+            self._stacks.append(self._restore(group, entry))
 
     def _restore(self, group: dict[str, Any], saved: Mapping[str, Any]) -> _Stack:
+        params = group["params"]
         device = self._device(group)
         dtype = _stored_dtype(device)
+
+        def unit_tensors(tree: Any, positions: list[int]) -> Any:
+            first = params[positions[0]]
+            return _to(tree, first.device, first.dtype)
+
         stack = _Stack()
         stack.step = int(saved["step"])
         stack.seen = copy.deepcopy(list(saved["seen"]))
-        prev = saved["previous"]
+        stack.units = [
+            _Unit(list(u["positions"]), unit_tensors(u["state"], u["positions"]))
+            for u in saved["units"]
+        ]
         above = self.levels[1:]
+        prev = saved["previous"]
         if prev is None:
             stack.stored = [
                 {n: t.detach().to(device, dtype).requires_grad_() for n, t in level.items()}
@@ -953,28 +1065,32 @@ class Hyperoptimizer(torch.optim.Optimizer):
             for lvl, s in zip(above, prev["upper"], strict=True)
         ]
         values = copy.deepcopy(list(prev["values"]))
-        params = [p for p in group["params"] if "previous" in self.state.get(p, {})]
         base = [
             (
-                self.state[p]["previous"]["param"],
-                self.state[p]["previous"]["grad"],
-                self.state[p]["previous"]["state"],
+                list(b["positions"]),
+                unit_tensors(b["param"], b["positions"]),
+                unit_tensors(b["grad"], b["positions"]),
+                unit_tensors(b["state"], b["positions"]),
             )
-            for p in params
+            for b in prev["base"]
         ]
         with torch.enable_grad():
             stored, upper, new_params, new_states, _ = self._advance(
-                values, stored_prev, hypergrads, upper_prev, base
+                values, stored_prev, hypergrads, upper_prev, [b[1:] for b in base]
             )
-        for p, new_state in zip(params, new_states, strict=True):
-            self.state[p]["state"] = new_state
+        by_positions = {tuple(u.positions): u for u in stack.units}
+        stack.outputs = []
+        for (positions, *_), new, state in zip(base, new_params, new_states, strict=True):
+            unit = by_positions[tuple(positions)]
+            unit.state = state
+            stack.outputs.append((unit, new))
         stack.stored, stack.upper = stored, upper
-        stack.outputs = list(zip(params, new_params, strict=True))
         stack.hypergrads = hypergrads
         stack.previous = {
             "stored": stored_prev,
             "hypergrads": hypergrads,
             "upper": upper_prev,
             "values": values,
+            "base": base,
         }
         return stack
