@@ -121,7 +121,7 @@ def check_agreement(module: Any) -> None:
                 theirs.step(xb, yb)
                 torch_step(b, opt, xb, yb)
             pa = dict(theirs.wrapper.parameters)
-            diff = max(float((pa[n] - p).abs().max()) for n, p in b.named_parameters())
+            diff = max(float((pa[n] - p).detach().abs().max()) for n, p in b.named_parameters())
             lr_theirs = float(theirs.wrapper.optimizer.parameters["alpha"])
             lr_ours = opt.param_groups[0]["lr"]
             print(

@@ -43,8 +43,9 @@ taken to include its penalty, as the optimizer does: the gradient in :math:`h_k^
 :math:`g_t + \lambda \theta_{t-1}` (as in `SGDHD`/`AdamHD`).
 
 A level's first hypergradient arrives one step after the level below first moved (level 0 at
-step 2, level 1 at step 3, ...); until then the level's values stay as given and its optimizer
-takes no step.
+step 2, level 1 at step 3, ...; a momentum one step later still, since the first momentum
+step sets the buffer to the gradient); until then the level's values stay as given and the
+level above takes no step for them.
 
 **Storage of the hyperparameters.** Learning rates are stored as they are (no constraint), as
 in SGD-HD's additive rule and in gdtuo, so that a stack of SGD over SGD's learning rate is
@@ -60,8 +61,11 @@ starts nonzero, and its Adam starts the second moment at `eps` (because `sqrt` h
 derivative at 0); here momentum is a logit, Adam starts from zero moments exactly as
 `torch.optim.Adam` and uses `metagrad.optim.safe_sqrt`. gdtuo feeds a zero hypergradient into
 the levels above on the first steps, which for an Adam level counts as a step of its bias
-correction; here a level without a hypergradient takes no step. With all hyper-learning-rates
-0 a stack is exactly its level 0 (`torch.optim.SGD` or `torch.optim.Adam`).
+correction; here a level without a hypergradient takes no step. gdtuo's model wrapper needs
+`loss.backward(create_graph=True)`; here the model's backward pass is the ordinary one. Stacks
+of SGD levels (without momentum) follow gdtuo's trajectories to rounding
+(`benchmarks/bench_online_stack.py` checks heights 2-4). With all hyper-learning-rates 0 a
+stack is exactly its level 0 (`torch.optim.SGD` or `torch.optim.Adam`).
 """
 
 from __future__ import annotations
@@ -529,11 +533,21 @@ class Hyperoptimizer(torch.optim.Optimizer):
     value (by hand or with an `lr_scheduler`) takes effect at the next step: a learned value
     continues from the written one.
 
-    **Cost.** One step runs each level's `metagrad.optim` update with autograd recording (on
-    the parameters at level 0, on a few scalars above) and one backward pass through the
-    previous update, not through the model. Memory: the base optimizer's state, plus the
-    previous parameters, the previous gradient and one update's graph (a few
-    parameter-sized tensors), flat in the number of steps; nothing more per extra level.
+    **Choosing the levels.** A level's hypergradient is a product of the hypergradients
+    below it, so its size compounds with height: on the digits MLP early in training, about
+    10 for Adam's learning rate, 100 one level up and 1e4 the level above that. An SGD level
+    moves the values below it by its learning rate times that, so SGD levels above Adam need
+    learning rates that shrink by about 100 per level, and tall ones still diverge; an Adam
+    level moves each value below it by about its learning rate per step, whatever the size of
+    the hypergradient, which keeps tall stacks of Adam levels stable
+    (`experiments/hyperopt_stacks`).
+
+    **Cost.** One step runs each level's `metagrad.optim` update with autograd recording (at
+    level 0 once per group on all its parameters as one flat vector, as torch.optim's
+    `foreach` does; on a few scalars above) and one backward pass through the previous
+    update, not through the model. Memory: the base optimizer's state, plus the previous
+    parameters, the previous gradient and one update's graph (a few parameter-sized tensors),
+    flat in the number of steps; nothing more per extra level.
 
     **Checkpoints.** `state_dict()` holds plain tensors, numbers and containers (loadable with
     `torch.load(weights_only=True)`): the inputs of the last step, from which
