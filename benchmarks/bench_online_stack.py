@@ -122,7 +122,7 @@ def check_agreement(module: Any) -> None:
                 torch_step(b, opt, xb, yb)
             pa = dict(theirs.wrapper.parameters)
             diff = max(float((pa[n] - p).detach().abs().max()) for n, p in b.named_parameters())
-            lr_theirs = float(theirs.wrapper.optimizer.parameters["alpha"])
+            lr_theirs = float(theirs.wrapper.optimizer.parameters["alpha"].detach())
             lr_ours = opt.param_groups[0]["lr"]
             print(
                 f"gdtuo agreement, SGD stack of height {height}, 20 steps: max |param diff| "
