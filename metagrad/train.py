@@ -17,6 +17,7 @@ take) leaves the folder as it was.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ._checks import ArgumentError
@@ -38,9 +39,9 @@ from .app.errors import ConfigError, RunRefused, check_finite_numbers
 from .app.guard import available_memory, estimate_hpo_memory
 from .app.jobs import GROUPS_USED, JOBS
 from .app.loop import Interrupted, LoopResult, NonFiniteError, resume_state, run_loop
-from .app.resume import check_targets, config_yaml, continue_config
+from .app.resume import check_targets, config_yaml, continue_config, recorded_config
 from .app.runfolder import RunFolder
-from .app.runtime import Runtime, plain, resolve_device
+from .app.runtime import Runtime, fresh_node, plain, resolve_device
 from .app.settings import check_settings
 from .hypergrad import NonFiniteLossError
 
@@ -116,7 +117,7 @@ class _Prepared:
 def _prune(cfg: DictConfig, ctx: _Context) -> DictConfig:
     """The config without the groups its loop does not read (with a warning for given ones)."""
     used = GROUPS_USED[cfg.loop]
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    cfg = copy.deepcopy(cfg)
     for group in ("inner_optim", "learn", "hypergrad", "learner", "online_optim", "outer_optim"):
         if group in cfg and group not in used and cfg[group] is not None:
             given = [
@@ -128,7 +129,8 @@ def _prune(cfg: DictConfig, ctx: _Context) -> DictConfig:
                 log.warning(
                     "loop=%s does not use %s; ignoring %s", cfg.loop, group, ", ".join(given)
                 )
-            cfg[group] = None
+            with open_dict(cfg):
+                cfg[group] = None
     return cfg
 
 
@@ -164,8 +166,7 @@ def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context) -> _Prepared:
                 "the folder of the run to continue"
             )
         checkpoint = checkpoint or load_checkpoint(ckpt)
-        recorded = OmegaConf.to_container(OmegaConf.create(checkpoint["config"]), resolve=False)
-        check_targets(recorded, list(cfg.trusted_targets), ckpt)
+        check_targets(recorded_config(checkpoint["config"], ckpt), list(cfg.trusted_targets), ckpt)
         saved_choices = dict(checkpoint.get("choices", {}))
         cfg = continue_config(
             cfg,
@@ -208,6 +209,10 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[DictConf
     """
     _check(cfg)
     cfg = _prune(cfg, _Context(overrides=overrides))
+    with open_dict(cfg):
+        for group in ("task", "model"):
+            if cfg.get(group) is not None:
+                cfg[group] = fresh_node(cfg[group], group)
     rt = Runtime(
         device=resolve_device(cfg.device),
         dtype=getattr(torch, cfg.dtype),
@@ -303,9 +308,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
 
     Raises:
         ConfigError: a value is out of range, unknown or does not fit the loop (names the key).
-        RunRefused: the folder is in use, holds a checkpoint (without `resume`), or a resumed
-            run was asked to change what it computes. Nothing was written.
-        CheckpointError: a checkpoint is unreadable or cannot be written.
+        RunRefused: the folder is in use, holds a checkpoint (without `resume`), its
+            checkpoint is unreadable, or a resumed run was asked to change what it computes.
+            Nothing was written.
+        CheckpointError: a checkpoint cannot be written (the previous one is kept).
         Interrupted: a signal stopped the run; its checkpoint holds every finished step.
         NonFiniteError: too many non-finite meta-gradients in a row.
     """
@@ -314,9 +320,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
     try:
         run.lock()
         prepared = _prepare(cfg, run, ctx)
-    except (ConfigError, RunRefused, CheckpointError):
+    except (ConfigError, RunRefused):
         run.refused()
         raise
+    except CheckpointError as e:
+        run.refused()
+        raise RunRefused(str(e)) from None
     except BaseException:
         run.release()
         raise
@@ -537,6 +546,8 @@ def main() -> None:
                 "stopped at once; the last periodic checkpoint is kept",
             )
         if code:
+            with contextlib.suppress(ValueError):  # a further Ctrl-C while exiting changes nothing
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             print(message, file=sys.stderr, flush=True)
             if ctx.multirun:
                 raise RuntimeError(message)

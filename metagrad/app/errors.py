@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .._checks import ArgumentError
@@ -30,7 +31,13 @@ def at(path: str) -> Iterator[None]:
     "inner_optim.lr: Invalid lr: -1.0 (...)".
     """
     try:
-        yield
+        try:
+            yield
+        except InstantiationException as e:
+            cause = e.__cause__
+            if isinstance(cause, (ArgumentError, TypeError, ValueError)):
+                raise cause from None
+            raise ConfigError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
     except ConfigError:
         raise
     except ArgumentError as e:

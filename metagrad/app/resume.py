@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -21,7 +22,14 @@ from .configs import GROUPS
 from .errors import RunRefused
 from .settings import TrainSettings
 
-__all__ = ["RESUMABLE", "continue_config", "check_targets", "config_yaml", "targets_in"]
+__all__ = [
+    "RESUMABLE",
+    "check_targets",
+    "config_yaml",
+    "continue_config",
+    "recorded_config",
+    "targets_in",
+]
 
 # Settings a resumed run may change: how long it runs and how it reports, not what it computes.
 RESUMABLE = (
@@ -42,6 +50,26 @@ RESUMABLE = (
 def config_yaml(cfg: DictConfig) -> str:
     """The resolved config as YAML, as stored in checkpoints."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def recorded_config(text: str, source: Path) -> dict[str, Any]:
+    """A config recorded on disk as plain data (never resolved, never instantiated).
+
+    Raises:
+        RunRefused: it is not YAML, or not a mapping.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise RunRefused(
+            f"{source} records a config metagrad cannot read ({first}); it was not used"
+        ) from None
+    if not isinstance(data, dict):
+        raise RunRefused(
+            f"{source} records a config metagrad cannot read (not a mapping); it was not used"
+        )
+    return data
 
 
 def targets_in(node: Any, path: str = "") -> list[tuple[str, str]]:

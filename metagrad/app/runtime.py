@@ -6,6 +6,8 @@ Only the application reads configs; everything built here takes plain arguments.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from .._introspect import accepted_arguments
 from ..tasks.protocols import model_args
 from .errors import ConfigError, at
 
@@ -23,6 +26,7 @@ __all__ = [
     "Runtime",
     "build_model",
     "build_task",
+    "fresh_node",
     "make",
     "mix_seed",
     "plain",
@@ -31,6 +35,8 @@ __all__ = [
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+log = logging.getLogger("metagrad.train")
 
 
 def mix_seed(seed: int, index: int, salt: int = 0) -> int:
@@ -149,20 +155,45 @@ def resolve_objectives(cfg: DictConfig, task: Any) -> tuple[LossFn, tuple[str, L
     return found[1], _loss_spec(plain(metric_spec), "metric", _METRICS)
 
 
-def _fresh_node(node: Any, group: str, explicit: list[str] | None) -> Any:
-    """A node whose `_target_` the user replaced on the command line keeps only the keys the
-    user gave (the option's other keys belong to the option's own target)."""
-    if explicit is None or f"{group}._target_" not in explicit:
-        return plain(node)
-    given = {k.split(".", 1)[1] for k in explicit if k.startswith(group + ".")}
-    return {k: v for k, v in plain(node).items() if k in given or k == "_target_"}
+def fresh_node(node: Any, group: str) -> Any:
+    """The node as plain data; when the user replaced the option's `_target_` (their own code),
+    the option's own keys that the new target does not take are dropped (keys the user added
+    stay, and a wrong one fails when the target is called)."""
+    data = plain(node)
+    schema = OmegaConf.get_type(node) if OmegaConf.is_config(node) else None
+    if not (isinstance(data, dict) and dataclasses.is_dataclass(schema)):
+        return data
+    fields = {f.name: f.default for f in dataclasses.fields(schema)}
+    if data.get("_target_") == fields.get("_target_"):
+        return data
+    try:
+        accepted = accepted_arguments(_locate(data["_target_"]))
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return data  # instantiate reports the bad target
+    if "**kwargs" in accepted:
+        return data
+    dropped = [k for k in data if k in fields and k not in accepted and not k.startswith("_")]
+    if dropped:
+        log.info(
+            "%s: %s does not take %s of the option it replaces; left out",
+            group,
+            data["_target_"],
+            dropped,
+        )
+    return {k: v for k, v in data.items() if k not in dropped}
+
+
+def _locate(path: str) -> Any:
+    from hydra.utils import get_object
+
+    return get_object(path)
 
 
 def build_task(cfg: DictConfig, rt: Runtime) -> Any:
     """The task of `cfg.task`."""
     if cfg.get("task") is None:
         raise ConfigError("task: a run needs a task (e.g. task=digits)")
-    task = make("task", _fresh_node(cfg.task, "task", rt.explicit))
+    task = make("task", plain(cfg.task))
     rt.loss, rt.metric = resolve_objectives(cfg, task)
     return task
 
@@ -171,7 +202,7 @@ def build_model(cfg: DictConfig, task: Any, rt: Runtime, seed: int) -> nn.Module
     """The model of `cfg.model`, sizes it leaves unset taken from the task, built under `seed`."""
     if cfg.get("model") is None:
         raise ConfigError("model: a run needs a model (e.g. model=mlp)")
-    node = _fresh_node(cfg.model, "model", rt.explicit)
+    node = plain(cfg.model)
     implied = model_args(task)
     missing = [k for k, v in node.items() if v == "???"]
     filled = {k: implied[k] for k in missing if k in implied}

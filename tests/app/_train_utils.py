@@ -36,9 +36,9 @@ FEWSHOT = [
 ONLINE = ["experiment=hd_digits", "outer_steps=2", "model.hidden=[16]", "val_every=1"]
 
 
-def env() -> dict[str, str]:
+def env(**extra: str) -> dict[str, str]:
     """The environment of a child run: one thread, no progress bar, no full Hydra traces."""
-    out = dict(os.environ)
+    out = {**os.environ, **extra}
     out["OMP_NUM_THREADS"] = "1"
     out["MKL_NUM_THREADS"] = "1"
     out.pop("HYDRA_FULL_ERROR", None)
@@ -51,13 +51,17 @@ def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def run_train(
-    run_dir: Path, *overrides: str, cwd: Path | None = None, timeout: float = 180
+    run_dir: Path,
+    *overrides: str,
+    cwd: Path | None = None,
+    timeout: float = 180,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m metagrad.train` into `run_dir` and return the finished process."""
     return subprocess.run(
         train_cmd(run_dir, *overrides),
         cwd=cwd or run_dir.parent,
-        env=env(),
+        env=env(**(extra_env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,

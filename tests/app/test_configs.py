@@ -25,7 +25,9 @@ CONFIGS = config_dir()
 
 
 def _all_options(group: str) -> list[str]:
-    yaml = {p.stem for p in (CONFIGS / group).glob("*.yaml")} if (CONFIGS / group).is_dir() else set()
+    yaml = (
+        {p.stem for p in (CONFIGS / group).glob("*.yaml")} if (CONFIGS / group).is_dir() else set()
+    )
     return sorted(set(options(group)) | yaml) if group in GROUPS else sorted(yaml)
 
 
@@ -78,14 +80,26 @@ NEEDS = {
 }
 CASES = [
     (g, o)
-    for g in ["task", "model", "inner_optim", "learn", "hypergrad", "learner", "online_optim", "outer_optim", "logger"]
+    for g in [
+        "task",
+        "model",
+        "inner_optim",
+        "learn",
+        "hypergrad",
+        "learner",
+        "online_optim",
+        "outer_optim",
+        "logger",
+    ]
     for o in _all_options(g)
     if NEEDS.get((g, o), 0) is not None
 ]
 
 
 @pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
-def test_group_option_composes_builds_and_runs_one_step(group: str, option: str, tmp_path: Path) -> None:
+def test_group_option_composes_builds_and_runs_one_step(
+    group: str, option: str, tmp_path: Path
+) -> None:
     overrides = NEEDS.get((group, option)) or NEEDS.get(group) or TINY
     extra = [] if (group, option) in NEEDS and group == "model" else []
     if group == "inner_optim" and option != "sgd":
@@ -152,7 +166,11 @@ def test_ranges_come_from_the_library(override: str, ok: bool, message: str) -> 
 def test_help_lists_the_options_users_pick_and_not_the_schemas() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "metagrad.train", "--help"],
-        env=env(), capture_output=True, text=True, timeout=120, cwd=Path.cwd(),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path.cwd(),
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from _train_utils import compose_cfg, env, metrics, run_train
+from metagrad.app.schema import ConfigError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metagrad.app.checkpoint import load_checkpoint
-from metagrad.app.schema import ConfigError
 from metagrad.train import train
 
 STEPS = 30
