@@ -165,9 +165,11 @@ class ReweightResult:
 
     Attributes:
         metrics: final numbers: `test/accuracy`, `test/loss`, `val/accuracy`, `val/loss`,
-            `seconds`, and for learned weightings `weights/mean_corrupted`,
-            `weights/mean_clean`, `weights/auc_corrupted` (flip), `outer/loss_first`,
-            `outer/loss_last`.
+            `seconds` (wall) and `cpu_seconds` (this process), and for learned weightings
+            `weights/mean_corrupted`, `weights/mean_clean`, `weights/auc_corrupted` (flip),
+            `weights/mean_tail`, `weights/mean_head` (imbalance: the five rarest classes and
+            the others), `outer/loss_first`, `outer/loss_last`, and for Implicit
+            `implicit/inner_grad_norm`.
         weights: the learned weight of every training example, scaled to mean 1 (uniform for
             the baselines; for a Meta-Weight-Net its weights at the final params' losses; for
             l2rw the mean over the training steps).
@@ -514,7 +516,7 @@ def run(
     )
     training = dict(steps=inner_steps, lr=inner_lr, momentum=momentum, l2=l2)
     lr = OUTER_LR.get(method) if outer_lr is None else outer_lr
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     if method in BASELINES:
         params = _baseline(method, data, training)
         weights, history, weight_fn = torch.ones(len(data.y_train)), [], None
@@ -528,6 +530,8 @@ def run(
         )
     metrics = _evaluate(params, data)
     metrics["seconds"] = time.perf_counter() - started
+    # CPU time of this process (one thread): what the run costs, apart from other load.
+    metrics["cpu_seconds"] = time.process_time() - started_cpu
     if method not in BASELINES:
         metrics.update(_weight_metrics(weights, data))
         if history and "outer/loss" in history[0]:
