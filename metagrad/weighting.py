@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .meta_params import Constraint, _check_constraint, _to_constrained, _to_unconstrained
+from ._checks import ArgumentError, check_choice, check_count
+from .meta_params import (
+    Constraint,
+    _check_constraint,
+    _check_init,
+    _to_constrained,
+    _to_unconstrained,
+)
 
 __all__ = ["ExampleWeights", "MetaWeightNet", "weighted_loss", "NORMALIZERS"]
 
@@ -69,9 +76,9 @@ class ExampleWeights(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-            raise ValueError(f"Invalid num_examples: {num_examples!r} (must be an int >= 1)")
+        check_count(num_examples, "num_examples")
         _check_constraint(constraint, "ExampleWeights")
+        _check_init(init, "ExampleWeights")
         if dtype is None:
             floating = isinstance(init, Tensor) and init.is_floating_point()
             dtype = init.dtype if floating else torch.get_default_dtype()
@@ -79,9 +86,10 @@ class ExampleWeights(nn.Module):
         if value.dim() == 0:
             value = value.expand(num_examples)
         if value.shape != (num_examples,):
-            raise ValueError(
+            raise ArgumentError(
+                "init",
                 f"Invalid init: shape {tuple(value.shape)}, expected a number or shape "
-                f"({num_examples},)"
+                f"({num_examples},)",
             )
         self.constraint = constraint
         self.raw = nn.Parameter(_to_unconstrained(value.clone(), constraint, "ExampleWeights"))
@@ -99,8 +107,8 @@ class ExampleWeights(nn.Module):
         """The weights of the examples `indices` (a 1-D integer tensor), shape `[len(indices)]`.
 
         Raises:
-            ValueError: `indices` is not a 1-D integer tensor or holds an index outside
-                `0..num_examples-1`.
+            ArgumentError (a ValueError): `indices` is not a 1-D integer tensor or holds an
+                index outside `0..num_examples-1`.
         """
         indices = _check_indices(indices, self.num_examples)
         return _to_constrained(self.raw.index_select(0, indices), self.constraint)
@@ -111,18 +119,24 @@ class ExampleWeights(nn.Module):
 
 def _check_indices(indices: Any, n: int) -> Tensor:
     if not isinstance(indices, Tensor):
-        raise ValueError(f"indices must be a tensor of example indices, got {type(indices)}")
+        raise ArgumentError(
+            "indices", f"indices must be a tensor of example indices, got {type(indices)}"
+        )
     if indices.dim() != 1 or indices.is_floating_point() or indices.is_complex():
-        raise ValueError(
+        raise ArgumentError(
+            "indices",
             f"indices must be a 1-D integer tensor, got dtype {indices.dtype} and shape "
-            f"{tuple(indices.shape)}"
+            f"{tuple(indices.shape)}",
         )
     if indices.dtype == torch.bool:
-        raise ValueError("indices must be integer example indices, not a boolean mask")
+        raise ArgumentError(
+            "indices", "indices must be integer example indices, not a boolean mask"
+        )
     if indices.numel() and bool(((indices < 0) | (indices >= n)).any()):
         bad = indices[(indices < 0) | (indices >= n)]
-        raise ValueError(
-            f"indices out of range: {bad[:5].tolist()} (the weights cover examples 0..{n - 1})"
+        raise ArgumentError(
+            "indices",
+            f"indices out of range: {bad[:5].tolist()} (the weights cover examples 0..{n - 1})",
         )
     return indices.long()
 
@@ -148,8 +162,7 @@ class MetaWeightNet(nn.Module):
 
     def __init__(self, hidden: int = 100, *, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"Invalid hidden: {hidden!r} (must be an int >= 1)")
+        check_count(hidden, "hidden")
         self.net = nn.Sequential(
             nn.Linear(1, hidden, dtype=dtype), nn.ReLU(), nn.Linear(hidden, 1, dtype=dtype)
         )
@@ -158,13 +171,14 @@ class MetaWeightNet(nn.Module):
         """The weights of examples with per-example `losses` (shape `[B]`), shape `[B]`.
 
         Raises:
-            ValueError: `losses` is not a 1-D floating-point tensor.
+            ArgumentError (a ValueError): `losses` is not a 1-D floating-point tensor.
         """
         if not isinstance(losses, Tensor) or losses.dim() != 1 or not losses.is_floating_point():
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(
+            raise ArgumentError(
+                "losses",
                 f"losses must be a 1-D floating-point tensor of per-example losses "
-                f"(reduction='none'), got {shape}"
+                f"(reduction='none'), got {shape}",
             )
         return torch.sigmoid(self.net(losses.unsqueeze(-1))).squeeze(-1)
 
@@ -230,19 +244,19 @@ def weighted_loss(losses: Tensor, weights: Tensor, *, normalize: str = "weights"
         A scalar tensor.
 
     Raises:
-        ValueError: the shapes do not match, either is not 1-D floating point, or `normalize`
-            is unknown.
+        ArgumentError (a ValueError): the shapes do not match, either is not 1-D floating
+            point, or `normalize` is unknown.
     """
-    if normalize not in NORMALIZERS:
-        raise ValueError(f"Invalid normalize: {normalize!r} (expected one of {NORMALIZERS})")
+    check_choice(normalize, "normalize", NORMALIZERS)
     for name, t in (("losses", losses), ("weights", weights)):
         if not isinstance(t, Tensor) or t.dim() != 1 or not t.is_floating_point():
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 1-D floating-point tensor, got {shape}")
+            raise ArgumentError(name, f"{name} must be a 1-D floating-point tensor, got {shape}")
     if losses.shape != weights.shape:
-        raise ValueError(
+        raise ArgumentError(
+            "weights",
             f"losses and weights must have the same shape, got {tuple(losses.shape)} and "
-            f"{tuple(weights.shape)}"
+            f"{tuple(weights.shape)}",
         )
     if weights.dtype != losses.dtype:
         weights = weights.to(losses.dtype)
