@@ -230,7 +230,10 @@ def weighted_loss(losses: Tensor, weights: Tensor, *, normalize: str = "weights"
     them (take it with `create_graph=True`, as the inner loops of `metagrad.hypergrad` do). For
     per-example weights this is the plain weighted sum's gradient; for a Meta-Weight-Net,
     whose weights depend on the losses, it is the method's update (the model does not lower
-    an example's loss by changing its weight).
+    an example's loss by changing its weight). The Jacobian of that inner gradient is then
+    symmetric for "count" and "none" (it is the Hessian of `sum_i G(loss_i)`, `G' = net`) but
+    not for "weights": there `Implicit` needs `solver="neumann"` or `"fixed_point"`, as
+    conjugate gradient assumes symmetry.
 
     Args:
         losses: per-example losses, shape `[B]` (e.g. `cross_entropy(..., reduction="none")`).
