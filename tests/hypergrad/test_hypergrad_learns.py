@@ -89,7 +89,7 @@ def test_per_layer_learning_rates_halve_the_validation_loss():
     assert min(losses[-5:]) < min(losses[:5])
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_hypergrad_examples_run():

@@ -20,7 +20,7 @@ import metagrad
 from metagrad.optim import SGD, Adam
 
 DTYPE = torch.float64
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 # --- the two motivating examples -------------------------------------------------------------
