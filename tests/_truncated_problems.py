@@ -60,12 +60,13 @@ def mlp(steps: int, *, optimizer: str = "adam", learned_init: bool = True, seed:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(12, 3, generator=g, dtype=DT)
     y = torch.randn(12, 2, generator=g, dtype=DT)
-    batches = [x + 0.1 * torch.randn(x.shape, generator=g, dtype=DT) for _ in range(steps)]
     p0 = {
         "w1": torch.randn(3, 5, generator=g, dtype=DT) * 0.6,
         "b1": torch.zeros(5, dtype=DT),
         "w2": torch.randn(5, 2, generator=g, dtype=DT) * 0.6,
     }
+    # drawn last, so that a shorter horizon gives a prefix of the same problem
+    batches = [x + 0.1 * torch.randn(x.shape, generator=g, dtype=DT) for _ in range(steps)]
 
     def loss(p, inputs):
         return (torch.tanh(inputs @ p["w1"] + p["b1"]) @ p["w2"] - y).pow(2).mean()

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _truncated_problems import mlp, quadratic
 
 from metagrad.hypergrad import PES, TBPTT, TruncatedES, TruncatedSession, Unrolled
-
-from _truncated_problems import mlp, quadratic
 
 T, K = 12, 3
 PAIRS = 3000

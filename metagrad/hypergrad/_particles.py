@@ -96,7 +96,7 @@ def _stack(trees: list[Any]) -> Any:
     """Stack per-particle pytrees of one structure into one batched pytree."""
     flat = [tree_flatten(t) for t in trees]
     spec = flat[0][1]
-    for leaves, other in flat[1:]:
+    for _, other in flat[1:]:
         if other != spec:
             raise RuntimeError("particles ended the truncation with different state structures")
     leaves = []
@@ -169,9 +169,7 @@ def _vmapped(
         start_dims: Any = None
     else:
         start_dims = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, start)
-    tensors = torch.func.vmap(flat, in_dims=(0, start_dims), randomness="different")(
-        values, start
-    )
+    tensors = torch.func.vmap(flat, in_dims=(0, start_dims), randomness="different")(values, start)
     it = iter(tensors)
     leaves = [next(it) if x is None else x for x in static["leaves"]]
     return tree_unflatten(leaves, static["spec"])
@@ -251,7 +249,6 @@ def run_particles(
             "lower sigma or the learning rate"
         )
     return Particles(state, inner.detach(), outer.detach())
-
 
 
 def pair_estimate(

@@ -97,8 +97,9 @@ class TruncatedEstimator:
         `vectorize` is left out: the vmapped and looped particles give the same numbers, so
         a session saved with one may continue with the other.
         """
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "vectorize"}
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "vectorize"
+        }
 
 
 class TruncatedSession:
