@@ -14,7 +14,7 @@ interleaved rounds (median CPU time per method; CPU time is disturbed far less t
 by other processes on a shared machine). Reported: each method's ratio to plain training and
 PES's ratio to TBPTT (same run), and the loop / vmap ratio.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_pes.py            # about 3 minutes
+    OMP_NUM_THREADS=1 python benchmarks/bench_pes.py            # about 2 minutes of CPU time
     OMP_NUM_THREADS=1 python benchmarks/bench_pes.py --quick
 """
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         var_pairs, repeats, time_pairs, rounds = [1, 4, 16], 40, [1, 4], 3
     else:
-        var_pairs, repeats, time_pairs, rounds = [1, 2, 4, 8, 16, 32, 64], 300, [1, 4, 16], 15
+        var_pairs, repeats, time_pairs, rounds = [1, 4, 16, 64], 200, [1, 4, 16], 15
     print("== variance of the full-run PES estimate (quadratic system, T=100, K=10) ==")
     rows, slope = variance_against_pairs(var_pairs, repeats)
     print("== time per truncation (digits MLP 64-128-10, K=10, float32, one thread) ==")

@@ -70,8 +70,11 @@ def sample_noise(
     Drawn on the CPU from `generator` (so a seeded session gives the same noise on any
     device), in each meta-parameter's dtype, then moved to its device.
     """
+    named = dict(meta.named_parameters())
+    if not named:
+        raise ValueError("evolution strategies need at least one meta-parameter to perturb")
     noise = {}
-    for name, p in meta.named_parameters():
+    for name, p in named.items():
         eps = torch.randn((pairs, *p.shape), generator=generator, dtype=p.dtype)
         noise[name] = (eps * sigma).to(p.device)
     return noise

@@ -64,11 +64,6 @@ class Truncation:
     generator: torch.Generator
     context: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def first(self) -> bool:
-        """Whether this truncation starts the inner run."""
-        return self.steps.start == 0
-
 
 @dataclass(frozen=True)
 class TruncatedEstimator:
