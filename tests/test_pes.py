@@ -19,7 +19,8 @@ import pytest
 import torch
 from _truncated_problems import mlp, quadratic
 
-from metagrad.hypergrad import PES, TBPTT, TruncatedES, TruncatedSession, Unrolled
+from metagrad.hypergrad import PES, TBPTT, FirstOrder, TruncatedES, TruncatedSession, Unrolled
+from metagrad.hypergrad.base import inner_steps, meta_gradients, outer_loss, start
 
 T, K = 12, 3
 PAIRS = 3000
@@ -66,6 +67,23 @@ def test_pes_is_unbiased_for_the_full_horizon_and_tbptt_is_not():
     z_es, se_es = _z(es_samples, tbptt)
     assert z_es.abs().max() < Z_MATCH, z_es
     assert ((es - exact) / se_es).abs().max() > Z_MISS
+
+
+@pytest.mark.parametrize(("create_graph", "reference"), [(True, Unrolled), (False, FirstOrder)])
+def test_functional_inner_steps_match_the_autograd_loop(create_graph, reference):
+    """`inner_steps(functional=True)` (torch.func.grad, usable under vmap) is the same loop."""
+    problem, meta = mlp(5, optimizer="adam", learned_init=True)
+    run = start(problem, meta)
+    run = inner_steps(
+        problem, meta, run, range(problem.steps), create_graph=create_graph, functional=True
+    )
+    loss = outer_loss(problem, meta, run.params)
+    grads = meta_gradients(loss, meta)
+    expected = reference()(problem, meta)
+    for name, g in expected.grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-10, atol=1e-12)
+    for name, p in expected.params.items():
+        torch.testing.assert_close(run.params[name].detach(), p, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("estimator", [PES, TruncatedES])

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     if args.quick:  # the first tenth of the run, fewer particles: the trends, in seconds
-        args.iterations, args.iterations_k10, args.iterations_k100, args.pairs = 300, 100, 20, 100
+        args.iterations, args.iterations_k10, args.iterations_k100, args.pairs = 300, 100, 10, 100
     torch.set_num_threads(1)
 
     plan = [

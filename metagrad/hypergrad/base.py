@@ -202,10 +202,12 @@ def inner_steps(
     with reuse():
         for t in steps:
             if functional:
-                if not (track and create_graph):
+                if not track:
                     params = detach_tree(params)
-                grads, loss = _functional_grads(problem, meta, params, problem.batch(t))
-                if not (track and create_graph):
+                second_order = track and create_graph
+                at = params if second_order else detach_tree(params)
+                grads, loss = _functional_grads(problem, meta, at, problem.batch(t))
+                if not second_order:
                     grads = detach_tree(grads)
             else:
                 if not track:
