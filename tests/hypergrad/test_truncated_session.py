@@ -200,7 +200,7 @@ def test_bad_session_arguments_are_refused_by_name():
         TruncatedSession(None, TBPTT(), truncation=2)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _section(text: str, name: str) -> list[str]:
