@@ -103,9 +103,9 @@ class TruncatedSession:
     T is `problem.steps`; inner step t reads `problem.batch(t)` and `problem.optimizer(meta,
     t)` with t counted from the start of the run, so per-step schedules (`meta.add(...,
     steps=T)`) index the whole run. With the fixed schedule the run has ceil(T / K)
-    truncations: [0, K), [K, 2K), ..., the last one shorter when K does not divide T; K >= T
-    makes every step one truncation of the whole run (for `TBPTT`, `Unrolled`; for `PES`,
-    ES over the full horizon). The random schedule draws each truncation's length uniformly
+    truncations: [0, K), [K, 2K), ..., the last one shorter when K does not divide T; with
+    K >= T the whole run is one truncation (for `TBPTT`, `Unrolled`; for `PES`, ES over the
+    full horizon). The random schedule draws each truncation's length uniformly
     from 1..2K - 1 (mean K; cut at T), which keeps the truncation boundaries from lining up
     with any period of the inner problem. After the truncation that reaches T, `done` is
     True; the next `step` starts a new inner run from `problem.init` with the meta-parameters
