@@ -1,7 +1,9 @@
 """Hypergradient methods: one interface, several estimators trading cost, memory and bias.
 
 `method(problem, meta)` runs the inner problem and returns a `HypergradResult` holding the
-meta-gradients keyed like `dict(meta.named_parameters())`.
+meta-gradients keyed like `dict(meta.named_parameters())`. For online truncated training,
+`TruncatedSession(problem, estimator, truncation=K)` advances one long inner run K steps per
+`session.step(meta)` with `TBPTT`, `TruncatedES` or `PES`.
 """
 
 from .base import Estimator, HypergradMethod, HypergradResult, NonFiniteLossError
@@ -9,8 +11,12 @@ from .checkpointed import Checkpointed
 from .first_order import FirstOrder
 from .forward_mode import ForwardMode
 from .implicit import Implicit
+from .pes import PES
+from .session import TruncatedEstimator, TruncatedResult, TruncatedSession
 from .solvers import solve_linear
+from .tbptt import TBPTT
 from .truncated import Truncated
+from .truncated_es import TruncatedES
 from .unrolled import Unrolled
 
 __all__ = [
@@ -23,6 +29,12 @@ __all__ = [
     "HypergradResult",
     "Implicit",
     "NonFiniteLossError",
+    "PES",
+    "TBPTT",
+    "TruncatedES",
+    "TruncatedEstimator",
+    "TruncatedResult",
+    "TruncatedSession",
     "Unrolled",
     "solve_linear",
 ]

@@ -175,6 +175,7 @@ def inner_steps(
     *,
     create_graph: bool = True,
     track: bool = True,
+    functional: bool = False,
 ) -> InnerRun:
     """Run inner steps `steps` (indices into the horizon) from `run`: the one inner loop.
 
@@ -184,6 +185,11 @@ def inner_steps(
             state and takes the optimizer step without graph (the untracked prefix of
             truncated methods, the forward pass of checkpointed ones, evaluation runs), so
             memory stays flat. Untracked steps are outside any differentiated path by design.
+        functional: take the inner gradients with `torch.func.grad` instead of
+            `torch.autograd.grad`, so that the loop runs under `torch.func.vmap` (the
+            particles of `PES`); params need not require grad. The per-step finite check
+            (one `.item()`, which vmap cannot run) is then left to the caller, who checks the
+            returned `last_loss`.
 
     Raises:
         NonFiniteLossError: the inner loss is NaN or infinite; the message names the step.
@@ -195,11 +201,20 @@ def inner_steps(
     reuse = getattr(meta, "reuse_values", contextlib.nullcontext)
     with reuse():
         for t in steps:
-            if not track:
-                params = as_leaves(detach_tree(params))
-            loss = problem.inner_loss(params, meta, problem.batch(t))
-            _check_finite(loss, t, problem.steps)
-            grads = inner_grads(loss, params, create_graph=create_graph and track)
+            if functional:
+                if not track:
+                    params = detach_tree(params)
+                second_order = track and create_graph
+                at = params if second_order else detach_tree(params)
+                grads, loss = _functional_grads(problem, meta, at, problem.batch(t))
+                if not second_order:
+                    grads = detach_tree(grads)
+            else:
+                if not track:
+                    params = as_leaves(detach_tree(params))
+                loss = problem.inner_loss(params, meta, problem.batch(t))
+                _check_finite(loss, t, problem.steps)
+                grads = inner_grads(loss, params, create_graph=create_graph and track)
             if track:
                 params, state = problem.optimizer(meta, t).step(params, grads, state)
             else:
@@ -209,6 +224,21 @@ def inner_steps(
     if not track:
         params = detach_tree(params)
     return InnerRun(params, state, loss)
+
+
+def _functional_grads(
+    problem: InnerProblem, meta: MetaParameters, params: Params, batch: Any
+) -> tuple[Params, Tensor]:
+    """The inner gradients and loss by `torch.func.grad` (works under `torch.func.vmap`)."""
+
+    def loss_of(p: Params) -> tuple[Tensor, Tensor]:
+        loss = problem.inner_loss(p, meta, batch)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss must be a scalar tensor, got {shape}")
+        return loss, loss
+
+    return torch.func.grad(loss_of, has_aux=True)(dict(params))
 
 
 def outer_loss(problem: InnerProblem, meta: MetaParameters, params: Params) -> Tensor:
