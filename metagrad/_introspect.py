@@ -18,11 +18,10 @@ def accepted_arguments(target: Any) -> dict[str, inspect.Parameter]:
     arbitrary keywords to the end has a `**kwargs` entry in the result.
     """
     fixed = getattr(target, "fixed_arguments", {}) if inspect.isclass(target) else {}
-    chain = (
-        [c for c in inspect.getmro(target) if "__init__" in vars(c)]
-        if inspect.isclass(target)
-        else [target]
-    )
+    if inspect.isclass(target):
+        chain = [c for c in inspect.getmro(target) if "__init__" in vars(c) and c is not object]
+    else:
+        chain = [target]
     out: dict[str, inspect.Parameter] = {}
     for owner in chain:
         fn = owner.__init__ if inspect.isclass(owner) else owner

@@ -63,7 +63,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels, track_running_stats=False)
     if kind == "group":
-        return nn.GroupNorm(math.gcd(channels, 8), channels)
+        # Groups of (about) four channels: a group of one channel at 1x1 resolution would
+        # normalize a single number (a constant output, numerically fragile gradients).
+        return nn.GroupNorm(math.gcd(channels, max(1, channels // 4)), channels)
     return nn.Identity()
 
 

@@ -35,7 +35,9 @@ def at(path: str) -> Iterator[None]:
             yield
         except InstantiationException as e:
             cause = e.__cause__
-            if isinstance(cause, (ArgumentError, TypeError, ValueError)):
+            if isinstance(cause, TypeError):  # the target called with arguments it does not take
+                raise ConfigError(f"{path}: {cause}") from None
+            if isinstance(cause, (ArgumentError, ValueError)):
                 raise cause from None
             raise ConfigError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
     except ConfigError:

@@ -129,21 +129,25 @@ class DigitsFewShot:
             classes = [(d, k) for d in digits for k in turns]
             pools = [torch.rot90(images[labels == d], k, dims=(1, 2)).to(dtype) for d, k in classes]
             self._by_split[name] = (classes, pools)
-            if self.ways > len(classes):
-                raise ArgumentError(
-                    "ways",
-                    f"Invalid ways: {ways} exceeds the {len(classes)} classes of the "
-                    f"{name!r} split",
-                )
-            smallest = min(len(x) for x in pools)
-            if self.shots + self.query > smallest:
-                raise ArgumentError(
-                    "query",
-                    f"Invalid shots + query: {self.shots} + {self.query} exceeds {smallest}, "
-                    "the number of images in the smallest class",
-                )
+        self._check_split(self.split)
         self.classes, self._images = self._by_split[self.split]
         self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _check_split(self, name: str) -> None:
+        classes, pools = self._by_split[name]
+        if self.ways > len(classes):
+            raise ArgumentError(
+                "ways",
+                f"Invalid ways: {self.ways} exceeds the {len(classes)} classes of the "
+                f"{name!r} split",
+            )
+        smallest = min(len(x) for x in pools)
+        if self.shots + self.query > smallest:
+            raise ArgumentError(
+                "query",
+                f"Invalid shots + query: {self.shots} + {self.query} exceeds {smallest}, "
+                "the number of images in the smallest class",
+            )
 
     @property
     def num_classes(self) -> int:
@@ -151,6 +155,7 @@ class DigitsFewShot:
         return len(self.classes)
 
     def _draw(self, split: str, count: int, g: torch.Generator) -> TaskBatch:
+        self._check_split(split)
         _, pools = self._by_split[split]
         sx, sy, qx, qy = sample_episodes(pools, self.ways, self.shots, self.query, count, g)
         shape = (count, -1, 64) if self.flatten else (count, -1, 1, 8, 8)

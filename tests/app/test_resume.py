@@ -10,23 +10,23 @@ from pathlib import Path
 
 import pytest
 from _train_utils import compose_cfg, env, metrics, run_train
-from metagrad.app.schema import ConfigError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from metagrad.app.checkpoint import load_checkpoint
+from metagrad.app.errors import RunRefused
 from metagrad.train import train
 
 STEPS = 30
 RUN = [
     "model.hidden=[16]",
-    "hypergrad.steps=10",
+    "horizon=10",
     "task.batch_size=32",
     "task.outer_batch_size=64",
     f"outer_steps={STEPS}",
     "val_every=10",
     "checkpoint_every=3",
     "threads=1",
-    "meta.learn.momentum.per_step=true",
+    "learn.momentum.per_step=true",
 ]
 
 
@@ -84,10 +84,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     ]
 
     # An override that contradicts the run being continued is refused.
-    with pytest.raises(ConfigError, match=r"these differ: inner_optim.lr: 0.02 -> 0.5"):
+    with pytest.raises(RunRefused, match=r"inner_optim.lr: 0.001 -> 0.5"):
         train(compose_cfg(*RUN, "inner_optim.lr=0.5", "resume=true"), run_dir=killed)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="resume=true but .* has no checkpoint.pt"):
+    with pytest.raises(RunRefused, match="resume=true but .* has no checkpoint.pt"):
         train(compose_cfg(*RUN, "resume=true"), run_dir=tmp_path)

@@ -31,11 +31,11 @@ def test_sweep_over_exact_estimators_gives_one_run_each_with_the_same_numbers(
     tmp_path: Path,
 ) -> None:
     sweep = tmp_path / "sweep"
-    out = _multirun(sweep, "hypergrad=unrolled,checkpointed,forward")
+    out = _multirun(sweep, "hypergrad=unrolled,checkpointed,forwardmode")
     assert "Launching 3 jobs" in out
     runs = [sweep / str(i) for i in range(3)]
     finals = []
-    for run, name in zip(runs, ["unrolled", "checkpointed", "forward"], strict=True):
+    for run, name in zip(runs, ["unrolled", "checkpointed", "forwardmode"], strict=True):
         assert list(run.glob("events.out.tfevents*")), f"no event file in {run}"
         assert f"hypergrad: {name}" in (run / ".hydra" / "hydra.yaml").read_text()
         finals.append(metrics(run)["final"])
