@@ -171,6 +171,9 @@ def _run(
             counters["nonfinite_in_a_row"] += 1
             log.warning("outer step %d skipped: %s", step, outcome.reason)
         metrics["outer/skipped_total"] = counters["nonfinite_total"]
+        for note in outcome.notes:
+            log.warning("outer step %d: %s", step, note)
+            logger.text("warnings", f"outer step {step}: {note}")
         logger.scalars(metrics, step)
         _log_meta(job, logger, step, force_figure=False, final=step == outer_steps)
         if progress:

@@ -10,7 +10,7 @@ from .base import Estimator, HypergradMethod, HypergradResult, NonFiniteLossErro
 from .checkpointed import Checkpointed
 from .first_order import FirstOrder
 from .forward_mode import ForwardMode
-from .implicit import Implicit
+from .implicit import Implicit, ImplicitBiasWarning
 from .pes import PES
 from .session import TruncatedEstimator, TruncatedResult, TruncatedSession
 from .solvers import solve_linear
@@ -28,6 +28,7 @@ __all__ = [
     "HypergradMethod",
     "HypergradResult",
     "Implicit",
+    "ImplicitBiasWarning",
     "NonFiniteLossError",
     "PES",
     "TBPTT",

@@ -138,7 +138,7 @@ class Digits(TensorTask):
         n = len(y)
         check_count(val_size, "val_size")
         check_count(test_size, "test_size", 0)
-        if val_size + test_size >= n - check_count(batch_size, "batch_size"):
+        if val_size + test_size > n - check_count(batch_size, "batch_size"):
             raise ArgumentError(
                 "val_size",
                 f"Invalid split sizes: val_size={val_size}, test_size={test_size} leave fewer "

@@ -52,7 +52,8 @@ def test_the_command_line_reports_it_in_one_line(tmp_path: Path, monkeypatch, ca
 
     def full(path, payload):
         raise CheckpointError(
-            f"could not write the checkpoint {path}: the disk is full; no checkpoint was written before"
+            f"could not write the checkpoint {path}: the disk is full; no checkpoint was "
+            "written before"
         )
 
     monkeypatch.setattr("metagrad.app.loop.save_checkpoint", full)

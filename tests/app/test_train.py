@@ -236,3 +236,18 @@ def test_float64_runs_everything_in_float64() -> None:
     assert all(p.dtype == torch.float64 for p in problem.init.values())
     assert problem.batch(0)[0].dtype == torch.float64
     assert job.step(0).finite
+
+
+def test_l2_implicit_preset_improves_the_validation_loss_without_warnings(tmp_path: Path) -> None:
+    cfg = compose_cfg("experiment=l2_implicit", "outer_steps=8", "horizon=200", "logger=none")
+    result = train(cfg, run_dir=tmp_path)
+    assert result.final["val/loss"] < result.initial["val/loss"] - 0.05
+    assert "ImplicitBiasWarning" not in (tmp_path / "train.log").read_text()
+
+
+def test_implicit_far_from_an_optimum_warns_once_in_the_log(tmp_path: Path) -> None:
+    cfg = compose_cfg(*TINY, "learn=l2", "hypergrad=implicit", "logger=none")
+    train(cfg, run_dir=tmp_path)
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("ImplicitBiasWarning") == 1
+    assert "Run the inner loop longer" in log

@@ -9,8 +9,9 @@ state and the logging of `MetaParameters`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -30,11 +31,13 @@ class StepOutcome:
         metrics: scalars to log (`outer/loss`, `inner/loss`, `hypergrad/norm`, ...).
         finite: False when the meta-gradient or loss was NaN/Inf and the update was skipped.
         reason: why the step was skipped.
+        notes: warnings worth a line in the log and the dashboard (each reported once a run).
     """
 
     metrics: dict[str, float]
     finite: bool = True
     reason: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
 class Job(Protocol):
@@ -98,6 +101,7 @@ class MetaJob:
         self.module = module
         self.meta = meta
         self.outer_optimizer = outer_optimizer
+        self._warned: set[type] = set()
 
     def compute(self, index: int) -> dict[str, float]:
         """Fill `.grad` of the meta-parameters for outer step `index`; return its metrics."""
@@ -105,10 +109,13 @@ class MetaJob:
 
     def step(self, index: int) -> StepOutcome:
         self.outer_optimizer.zero_grad(set_to_none=True)
-        try:
-            metrics = self.compute(index)
-        except NonFiniteLossError as e:
-            return StepOutcome({}, finite=False, reason=str(e))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            try:
+                metrics = self.compute(index)
+            except NonFiniteLossError as e:
+                return StepOutcome({}, finite=False, reason=str(e))
+        notes = self._notes(caught)
         loss = metrics.get("outer/loss", 0.0)
         if not math.isfinite(loss):
             return StepOutcome(metrics, finite=False, reason=f"outer loss is {loss}")
@@ -122,9 +129,21 @@ class MetaJob:
                 for n, p in named.items()
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())
             ]
-            return StepOutcome(metrics, finite=False, reason=f"non-finite meta-gradient of {bad}")
+            return StepOutcome(
+                metrics, finite=False, reason=f"non-finite meta-gradient of {bad}", notes=notes
+            )
         self.outer_optimizer.step()
-        return StepOutcome(metrics)
+        return StepOutcome(metrics, notes=notes)
+
+    def _notes(self, caught: list[warnings.WarningMessage]) -> list[str]:
+        """The warnings of one step not reported before in this run (one per kind)."""
+        seen = self._warned
+        out = []
+        for w in caught:
+            if w.category not in seen:
+                seen.add(w.category)
+                out.append(f"{w.category.__name__}: {w.message}")
+        return out
 
     # ------------------------------------------------------------------ logging
     def meta_scalars(self) -> dict[str, float]:

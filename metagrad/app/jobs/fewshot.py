@@ -65,7 +65,7 @@ class FewShotJob(MetaJob):
     def evaluate(self, final: bool = False) -> dict[str, float]:
         """Query loss (and metric, with a 95% interval) on new tasks after each step count."""
         split = "test" if final else "val"
-        count = self.eval_tasks if final else max(1, self.eval_tasks // 6)
+        count = self.eval_tasks if final else max(2, self.eval_tasks // 6)
         sx, sy, qx, qy = self.task.episodes(split, count, mix_seed(self.rt.seed, 0, salt=1))
         out: dict[str, float] = {}
         for steps in self.eval_inner_steps:

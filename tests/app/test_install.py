@@ -6,11 +6,12 @@ import json
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from _train_utils import TINY, env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_non_editable_install_runs_the_default_config_from_another_folder(tmp_path: Path) -> None:
@@ -27,15 +28,24 @@ def test_non_editable_install_runs_the_default_config_from_another_folder(tmp_pa
         else:
             shutil.copy(path, src / name)
 
-    # A fresh environment that sees the installed torch (no download) but not the checkout:
-    # without its own pip, the host's pip and setuptools build and install into it, offline.
+    # A fresh environment that sees this environment's packages (torch, no download) but not
+    # the checkout: a .pth file lists their folders. Works inside a virtual environment and
+    # outside one (`--system-site-packages` would see the base interpreter's instead). The
+    # folders' own .pth files (an editable install of metagrad) are not run. Without its own
+    # pip, the host's pip and setuptools build and install into it, offline.
     venv = tmp_path / "venv"
     subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-        check=True,
-        timeout=120,
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
     )
     python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(site) / "host_packages.pth").write_text("\n".join(sorted(ours)) + "\n")
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)],
         capture_output=True,
