@@ -118,7 +118,8 @@ def _prune(cfg: DictConfig, ctx: _Context) -> DictConfig:
     """The config without the groups its loop does not read (with a warning for given ones)."""
     used = GROUPS_USED[cfg.loop]
     cfg = copy.deepcopy(cfg)
-    for group in ("inner_optim", "learn", "hypergrad", "learner", "online_optim", "outer_optim"):
+    groups = ("inner_optim", "learn", "hypergrad", "truncated", "learner", "online_optim")
+    for group in (*groups, "outer_optim"):
         if group in cfg and group not in used and cfg[group] is not None:
             given = [
                 o
@@ -477,7 +478,7 @@ def usage() -> str:
         "python -m metagrad.train [group=option ...] [key=value ...]",
         "",
         "Meta-learning and hyperparameter gradients, configured with Hydra. Runs one of three",
-        "loops (loop=hpo | fewshot | online); presets set up whole experiments.",
+        "loops (loop=hpo | truncated | fewshot | online); presets set up whole experiments.",
         "",
         "Config groups (group=option):",
     ]
@@ -495,7 +496,7 @@ def usage() -> str:
             GROUPS[group].what
             if group in GROUPS
             else {
-                "learn": "what loop=hpo learns (hyperparameters, scopes, schedules)",
+                "learn": "what loop=hpo or truncated learns (hyperparameters, scopes, schedules)",
                 "experiment": "presets (configs/experiment/)",
             }[group]
         )

@@ -77,6 +77,12 @@ def _estimators() -> dict[str, tuple[str, Any]]:
     return _public(hypergrad, hypergrad.Estimator)
 
 
+def _truncated_estimators() -> dict[str, tuple[str, Any]]:
+    import metagrad.hypergrad as hypergrad
+
+    return _public(hypergrad, hypergrad.TruncatedEstimator)
+
+
 def _learners() -> dict[str, tuple[str, Any]]:
     import metagrad.learners as learners
 
@@ -136,6 +142,9 @@ GROUPS: dict[str, Group] = {
     "model": Group(_models, what="the network (unset sizes come from the task)"),
     "inner_optim": Group(_inner_optimizers, partial=True, what="differentiable inner optimizer"),
     "hypergrad": Group(_estimators, what="hypergradient estimator (loop=hpo)"),
+    "truncated": Group(
+        _truncated_estimators, what="estimator of online truncated training (loop=truncated)"
+    ),
     "learner": Group(
         _learners,
         supplied=("model", "inner_optim", "loss_fn"),

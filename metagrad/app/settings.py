@@ -17,7 +17,7 @@ from .._checks import ArgumentError, check_choice, check_count, check_number
 __all__ = ["TrainSettings", "LearnEntry", "LOOPS", "check_settings", "learn_entry"]
 
 #: The kinds of run `loop=` selects.
-LOOPS = ("hpo", "online", "fewshot")
+LOOPS = ("hpo", "truncated", "fewshot", "online")
 
 
 @dataclass
@@ -40,12 +40,13 @@ class TrainSettings:
     inner_optim: Any = None
     learn: dict[str, Any] | None = None  # name -> LearnEntry fields (checked by loop=hpo)
     hypergrad: Any = None
+    truncated: Any = None
     learner: Any = None
     online_optim: Any = None
     outer_optim: Any = None
     logger: Any = MISSING
 
-    loop: str = "hpo"  # hpo | online | fewshot
+    loop: str = "hpo"  # hpo | truncated | fewshot | online
     seed: int = 0
     outer_steps: int = 100
     val_every: int = 10
@@ -64,6 +65,10 @@ class TrainSettings:
     # loop=hpo
     horizon: int = 100  # inner steps of each inner training run
     eval_horizon: int | None = None  # inner steps of evaluation runs; None: horizon
+
+    # loop=truncated
+    truncation: int = 10  # inner steps per truncation (one outer step)
+    truncation_schedule: str = "fixed"  # fixed | random (lengths uniform in 1..2K-1)
 
     # loop=fewshot
     meta_batch: int = 25  # tasks per outer step
@@ -108,7 +113,14 @@ def check_settings(cfg: Any) -> None:
     """
     check_choice(cfg.loop, "loop", LOOPS)
     check_count(cfg.outer_steps, "outer_steps", 0)
-    for key in ("val_every", "checkpoint_every", "max_nonfinite", "horizon", "meta_batch"):
+    for key in (
+        "val_every",
+        "checkpoint_every",
+        "max_nonfinite",
+        "horizon",
+        "meta_batch",
+        "truncation",
+    ):
         check_count(cfg[key], key)
     check_count(cfg.eval_tasks, "eval_tasks")
     check_count(cfg.threads, "threads", allow_none=True)
@@ -117,6 +129,7 @@ def check_settings(cfg: Any) -> None:
         cfg.learned_lr_outer_lr, "learned_lr_outer_lr", 0.0, low_open=True, allow_none=True
     )
     check_choice(cfg.dtype, "dtype", ("float32", "float64"))
+    check_choice(cfg.truncation_schedule, "truncation_schedule", ("fixed", "random"))
     if cfg.eval_inner_steps is not None:
         for s in cfg.eval_inner_steps:
             check_count(s, "eval_inner_steps", 0)

@@ -183,18 +183,19 @@ class HPOJob(MetaJob):
         return not self.meta.entry_names()
 
 
-def build(cfg: DictConfig, rt: Runtime) -> HPOJob:
-    """Task, model, inner optimizer, meta-parameters, estimator and outer optimizer."""
+def build_parts(cfg: DictConfig, rt: Runtime, loop: str = "hpo") -> dict[str, Any]:
+    """What every hyperparameter-learning job needs: task, model factory, inner optimizer,
+    meta-parameters (from `learn`) and outer optimizer, checked and named by config key."""
     task = build_task(cfg, rt)
     if not isinstance(task, SupervisedTask):
         raise ConfigError(
-            f"task: loop=hpo trains on a supervised task (train_batches, val_batch, split), but "
-            f"{type(task).__name__} is not one; use task=digits or your own TensorTask, or "
+            f"task: loop={loop} trains on a supervised task (train_batches, val_batch, split), "
+            f"but {type(task).__name__} is not one; use task=digits or your own TensorTask, or "
             "loop=fewshot for episodic tasks"
         )
-    for key in ("inner_optim", "hypergrad", "outer_optim"):
+    for key in ("inner_optim", "outer_optim"):
         if cfg.get(key) is None:
-            raise ConfigError(f"{key}: loop=hpo needs one (e.g. {key}=<option>)")
+            raise ConfigError(f"{key}: loop={loop} needs one (e.g. {key}=<option>)")
     make_model = functools.partial(build_model, cfg, task, rt)
     make_optimizer = make("inner_optim", cfg.inner_optim)
     if not (
@@ -203,11 +204,33 @@ def build(cfg: DictConfig, rt: Runtime) -> HPOJob:
         and issubclass(make_optimizer.func, Optimizer)
     ):
         raise ConfigError(
-            "inner_optim: loop=hpo needs a metagrad.optim optimizer (e.g. inner_optim=sgd)"
+            f"inner_optim: loop={loop} needs a metagrad.optim optimizer (e.g. inner_optim=sgd)"
         )
     with at("inner_optim"):
         make_optimizer()  # validates the fixed hyperparameters now, naming the bad one
     params = {n: p.detach() for n, p in make_model(rt.seed).named_parameters()}
+    meta, per_step = _meta_parameters(cfg, make_optimizer, params)
+    meta.to(rt.device)
+    outer = make("outer_optim", cfg.outer_optim)
+    with at("outer_optim"):
+        outer = outer(list(meta.parameters()) or [torch.zeros(1, requires_grad=True)])
+    return dict(
+        task=task,
+        make_model=make_model,
+        make_optimizer=make_optimizer,
+        meta=meta,
+        per_step=per_step,
+        outer_optimizer=outer,
+        horizon=int(cfg.horizon),
+        rt=rt,
+        eval_horizon=cfg.eval_horizon,
+    )
+
+
+def _meta_parameters(
+    cfg: DictConfig, make_optimizer: Any, params: Params
+) -> tuple[MetaParameters, set[str]]:
+    """The `learn` entries as `MetaParameters`, and the names of the per-step ones."""
     learnable = make_optimizer.func.learnable_names()
     meta = MetaParameters()
     per_step: set[str] = set()
@@ -252,20 +275,12 @@ def build(cfg: DictConfig, rt: Runtime) -> HPOJob:
             )
         if entry.per_step:
             per_step.add(name)
-    meta.to(rt.device)
-    method = make("hypergrad", cfg.hypergrad)
-    outer = make("outer_optim", cfg.outer_optim)
-    with at("outer_optim"):
-        outer = outer(list(meta.parameters()) or [torch.zeros(1, requires_grad=True)])
-    return HPOJob(
-        task=task,
-        make_model=make_model,
-        make_optimizer=make_optimizer,
-        meta=meta,
-        per_step=per_step,
-        method=method,
-        outer_optimizer=outer,
-        horizon=int(cfg.horizon),
-        rt=rt,
-        eval_horizon=cfg.eval_horizon,
-    )
+    return meta, per_step
+
+
+def build(cfg: DictConfig, rt: Runtime) -> HPOJob:
+    """Task, model, inner optimizer, meta-parameters, estimator and outer optimizer."""
+    parts = build_parts(cfg, rt)
+    if cfg.get("hypergrad") is None:
+        raise ConfigError("hypergrad: loop=hpo needs an estimator (e.g. hypergrad=unrolled)")
+    return HPOJob(method=make("hypergrad", cfg.hypergrad), **parts)
