@@ -40,6 +40,7 @@ import datetime
 import math
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -595,42 +596,52 @@ def all_reduce_grads(
     return _repack(grads, params, names, reduced, present, loss is not None)
 
 
+def _layout_check(tensors: list[Tensor]) -> list[float]:
+    """Two numbers in [1, 2) from the shapes and dtypes: their sum over ranks is exactly
+    `world` times them (multiples of 1/256 add exactly, even in float32) unless the ranks
+    passed different layouts, which an all-reduce would otherwise mix without an error."""
+    crc = zlib.crc32(repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode())
+    return [1 + (crc & 255) / 256, 1 + ((crc >> 8) & 255) / 256]
+
+
 def _reduce(
     tensors: list[Tensor], present: list[float], count: float, is_mean: bool
 ) -> tuple[list[Tensor], list[float]]:
-    """Sum `count`-weighted tensors (plus counts and .grad flags) over ranks, one call each."""
+    """Sum `count`-weighted tensors over ranks, one call per (dtype, device) buffer.
+
+    Each buffer ends with [count, layout check] and the first also with the `.grad` flags.
+    """
     scale = count if is_mean else 1.0
     zero = count == 0  # a mean over nothing may be NaN: contribute exact zeros
-    out: list[Tensor | None] = [None] * len(tensors)
+    check = _layout_check(tensors)
+    out: list[Tensor] = list(tensors)
     groups = _buckets(tensors)
-    flags_at = next(iter(groups))  # the .grad flags ride in the first buffer
+    first = next(iter(groups))
     with torch.no_grad(), _collective("all_reduce_grads"):
         for key, idx in groups.items():
             comm = torch.float32 if key[0] in (torch.float16, torch.bfloat16) else key[0]
-            parts = [
-                torch.zeros(tensors[i].numel(), dtype=comm, device=key[1])
-                if zero
-                else tensors[i].detach().reshape(-1).to(comm) * scale
-                for i in idx
-            ]
-            tail = [count] + (present if key == flags_at else [])
-            parts.append(torch.tensor(tail, dtype=comm, device=key[1]))
-            buffer = torch.cat(parts)
+            parts = [tensors[i].detach().reshape(-1).to(comm) * scale for i in idx]
+            if zero:
+                parts = [torch.zeros_like(part) for part in parts]
+            tail = [count, *check, *(present if key == first else [])]
+            buffer = torch.cat([*parts, torch.tensor(tail, dtype=comm, device=key[1])])
             dist.all_reduce(buffer)
-            n_tail = len(tail)
-            total = float(buffer[-n_tail])
-            if total <= 0:
-                raise ValueError(
-                    "Invalid count: 0 items in total (mean_of/sum_of is 0 on every rank)"
+            n = len(buffer) - len(tail)
+            total, *checks = buffer[n : n + 3].tolist()
+            if checks != [world_size() * c for c in check]:
+                raise DistributedError(
+                    "all_reduce_grads: the ranks passed different gradients (the number, "
+                    "shapes or dtypes of the tensors differ between ranks); every rank must "
+                    "pass the same meta-parameters in the same order"
                 )
-            if key == flags_at:
-                present = buffer[len(buffer) - n_tail + 1 :].tolist()
-            chunks = (buffer[: len(buffer) - n_tail] / total).split(
-                [tensors[i].numel() for i in idx]
-            )
+            if total <= 0:
+                raise ValueError("Invalid count: 0 items in total (0 on every rank)")
+            if key == first:
+                present = buffer[n + 3 :].tolist()
+            chunks = (buffer[:n] / total).split([tensors[i].numel() for i in idx])
             for i, chunk in zip(idx, chunks, strict=True):
                 out[i] = chunk.reshape(tensors[i].shape).to(key[0])
-    return out, present  # type: ignore[return-value]
+    return out, present
 
 
 def _repack(

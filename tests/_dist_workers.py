@@ -225,6 +225,12 @@ def checks(out: dict[str, Any], world: int, counter: CountCalls) -> None:
     out["rng/after"] = torch.randn(3, generator=gen, dtype=DT)
     mdist.restore_rng_state(states, gen)
     out["rng/restored"] = torch.randn(3, generator=gen, dtype=DT)
+    if world > 1:  # rank 0 passes another shape (same size): refused, not mixed
+        shape = (3,) if mdist.rank() == 0 else (1, 3)
+        try:
+            mdist.all_reduce_grads({"a": torch.zeros(shape, dtype=DT)}, mean_of=1)
+        except mdist.DistributedError as err:
+            out["mismatch"] = str(err)
     if world == 2:
         ddp_demo(out)
 

@@ -180,6 +180,12 @@ def test_one_all_reduce_per_bucket_per_outer_step(worlds):
     assert set(worlds[1][0]["calls"].values()) == {0}
 
 
+def test_ranks_with_different_layouts_are_refused(worlds):
+    for world in (2, 3):
+        for out in worlds[world].values():
+            assert "the ranks passed different gradients" in out["mismatch"]
+
+
 def test_outer_loop_and_broadcast(worlds):
     """Three MAML outer steps with Adam from models that start apart (broadcast): the same
     meta-parameters as one process; an optimizer broadcast hands rank 0's state to all."""
