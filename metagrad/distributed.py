@@ -324,11 +324,9 @@ def init(
     if env.world_size == 1:
         return World(0, 1, env.local_rank, None, dev, env.source)
     # torchrun's agent may already serve the store at MASTER_PORT: join it through env://.
-    method = (
-        "env://"
-        if env.source == "torchrun" and environ is None
-        else (f"tcp://{env.master_addr}:{env.master_port}")
-    )
+    from_env = environ is None or environ is os.environ
+    tcp = f"tcp://{env.master_addr}:{env.master_port}"
+    method = "env://" if env.source == "torchrun" and from_env else tcp
     extra = {"device_id": dev} if backend == "nccl" else {}
     try:
         dist.init_process_group(

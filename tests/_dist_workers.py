@@ -304,7 +304,7 @@ def wait_for_peers(out_dir: str, world: int) -> None:
 
 
 def fault(out: dict[str, Any], mode: str, timeout: float, out_dir: str) -> None:
-    """Rank 1 dies (SIGKILL) or stays away; rank 0 must stop with a clear error in time."""
+    """Rank 1 dies (SIGKILL), raises, or stays away; rank 0 must stop with a clear error."""
     grads = {"g": torch.ones(4, dtype=DT)}
     wait_for_peers(out_dir, 2)
     try:
@@ -313,6 +313,8 @@ def fault(out: dict[str, Any], mode: str, timeout: float, out_dir: str) -> None:
             if mdist.rank() == 1:
                 if mode == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if mode == "raise":  # leaves the `with` by an exception, stays alive after
+                    raise KeyError("a bug on rank 1")
                 time.sleep(timeout + 3)
                 os._exit(0)
             start = time.perf_counter()
@@ -322,6 +324,9 @@ def fault(out: dict[str, Any], mode: str, timeout: float, out_dir: str) -> None:
                 out["elapsed"] = time.perf_counter() - start
     except mdist.DistributedError as err:
         out["error"] = str(err)
+    except KeyError:
+        time.sleep(5)  # alive: rank 0 must learn of the failure from the closed group
+        os._exit(0)
 
 
 def run(scenario: str, out_dir: str, params: dict[str, Any]) -> None:

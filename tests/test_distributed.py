@@ -97,6 +97,7 @@ def groups(tmp_path_factory):
         3: Group("main", 3, tmp / "world3"),
         "kill": Group("fault", 2, tmp / "kill", mode="kill", timeout=10.0),
         "hang": Group("fault", 2, tmp / "hang", mode="hang", timeout=2.0),
+        "raise": Group("fault", 2, tmp / "raise", mode="raise", timeout=10.0),
     }
     yield started
     for group in started.values():
@@ -238,6 +239,13 @@ def test_killed_rank_stops_the_other_with_a_message(groups):
     error, elapsed = ranks[0]["error"], ranks[0]["elapsed"]
     assert "all_reduce_grads failed on rank 0 of 2" in error and "another rank" in error
     assert elapsed < 10.0  # the dead peer's closed connection is seen at once
+
+
+def test_rank_that_raises_stops_the_other_at_once(groups):
+    """Leaving `with init():` by an exception closes the group, though the process lives on."""
+    rank0 = groups["raise"].results()[0]
+    assert "all_reduce_grads failed on rank 0 of 2" in rank0["error"]
+    assert rank0["elapsed"] < 3.0  # rank 1 stays alive for 5 s; the timeout is 10 s
 
 
 def test_absent_rank_times_out_with_a_message(groups):
