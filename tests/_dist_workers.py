@@ -218,6 +218,13 @@ def checks(out: dict[str, Any], world: int, counter: CountCalls) -> None:
     out["loop"] = outer_loop(algo, outer, steps=3, tasks=5)
     fresh = torch.optim.Adam(algo.parameters(), lr=0.01)
     out["adam_state"] = mdist.broadcast(outer if mdist.rank() == 0 else fresh).state_dict()
+    # Plain tensors of two dtypes from the last rank: two broadcasts, in place.
+    sent = {
+        "x": torch.full((2,), float(mdist.rank()), dtype=DT),
+        "n": torch.arange(3) + mdist.rank(),
+    }
+    mdist.broadcast(sent, src=world - 1)
+    out["broadcast"] = sent
     # Per-rank random streams, saved and restored.
     gen = mdist.rank_generator(7)
     out["rng/first"] = torch.randn(3, generator=gen, dtype=DT)
@@ -293,40 +300,49 @@ def ddp_demo(out: dict[str, Any]) -> None:
     out["ours/reptile"] = {n.removeprefix("model."): g for n, g in grads_of(algo).items()}
 
 
-def wait_for_peers(out_dir: str, world: int) -> None:
+def wait_for_peers(out_dir: str, world: int, tag: str) -> None:
     """A file barrier before `init`, so that a short timeout does not also time the imports."""
-    Path(out_dir, f"ready{os.environ['RANK']}").touch()
+    Path(out_dir, f"{tag}-ready{os.environ['RANK']}").touch()
     deadline = time.monotonic() + 120
-    while not all(Path(out_dir, f"ready{r}").exists() for r in range(world)):
+    while not all(Path(out_dir, f"{tag}-ready{r}").exists() for r in range(world)):
         if time.monotonic() > deadline:
             raise TimeoutError("the other ranks did not start")
         time.sleep(0.01)
 
 
-def fault(out: dict[str, Any], mode: str, timeout: float, out_dir: str) -> None:
-    """Rank 1 dies (SIGKILL), raises, or stays away; rank 0 must stop with a clear error."""
+FAULTS = {"raise": 10.0, "hang": 2.0, "kill": 10.0}  # what rank 1 does: the timeout of init
+
+
+def faults(out: dict[str, Any], ports: list[int], out_dir: str) -> None:
+    """Three failures in turn, each in a new process group of two: rank 1 leaves `init()` by
+    an exception and lives on, stays away (sleeps past the timeout), dies (SIGKILL). Rank 0
+    records the error it got in its next all-reduce and how long that took."""
     grads = {"g": torch.ones(4, dtype=DT)}
-    wait_for_peers(out_dir, 2)
-    try:
-        with mdist.init(timeout=timeout):
-            mdist.all_reduce_grads(grads, mean_of=1)  # all connections are up
-            if mdist.rank() == 1:
-                if mode == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if mode == "raise":  # leaves the `with` by an exception, stays alive after
-                    raise KeyError("a bug on rank 1")
-                time.sleep(timeout + 3)
-                os._exit(0)
-            start = time.perf_counter()
-            try:
-                mdist.all_reduce_grads(grads, mean_of=1)
-            finally:
-                out["elapsed"] = time.perf_counter() - start
-    except mdist.DistributedError as err:
-        out["error"] = str(err)
-    except KeyError:
-        time.sleep(5)  # alive: rank 0 must learn of the failure from the closed group
-        os._exit(0)
+    for (mode, timeout), port in zip(FAULTS.items(), ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        wait_for_peers(out_dir, 2, mode)
+        seen = out.setdefault(mode, {})
+        try:
+            with mdist.init(timeout=timeout):
+                mdist.all_reduce_grads(grads, mean_of=1)  # all connections are up
+                if mdist.rank() == 1:
+                    if mode == "raise":
+                        raise KeyError("a bug on rank 1")
+                    if mode == "kill":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    time.sleep(timeout + 1)
+                    continue  # leaving `with` normally: the barrier fails, rank 0 has left
+                start = time.perf_counter()
+                try:
+                    mdist.all_reduce_grads(grads, mean_of=1)
+                finally:
+                    seen["elapsed"] = time.perf_counter() - start
+        except mdist.DistributedError as err:
+            seen["error"] = str(err)
+        except KeyError:
+            pass  # rank 1 lives on into the next round
+        if mdist.world_size() != 1:
+            raise AssertionError("the failed group was not left")
 
 
 def run(scenario: str, out_dir: str, params: dict[str, Any]) -> None:
@@ -335,8 +351,8 @@ def run(scenario: str, out_dir: str, params: dict[str, Any]) -> None:
         if scenario == "main":
             with mdist.init(timeout=60) as world:
                 main(out, world.world_size)
-        elif scenario == "fault":
-            fault(out, **params, out_dir=out_dir)
+        elif scenario == "faults":
+            faults(out, **params, out_dir=out_dir)
         else:
             raise ValueError(scenario)
     except BaseException:

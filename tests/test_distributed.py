@@ -95,9 +95,7 @@ def groups(tmp_path_factory):
     started = {
         2: Group("main", 2, tmp / "world2"),
         3: Group("main", 3, tmp / "world3"),
-        "kill": Group("fault", 2, tmp / "kill", mode="kill", timeout=10.0),
-        "hang": Group("fault", 2, tmp / "hang", mode="hang", timeout=2.0),
-        "raise": Group("fault", 2, tmp / "raise", mode="raise", timeout=10.0),
+        "faults": Group("faults", 2, tmp / "faults", ports=[free_port() for _ in W.FAULTS]),
     }
     yield started
     for group in started.values():
@@ -204,6 +202,13 @@ def test_outer_loop_and_broadcast(worlds):
                 assert int(state["step"]) == 3
 
 
+def test_broadcast_tensors_from_any_rank(worlds):
+    for world, ranks in worlds.items():
+        for out in ranks.values():
+            assert out["broadcast"]["x"].tolist() == [world - 1.0] * 2
+            assert out["broadcast"]["n"].tolist() == [world - 1, world, world + 1]
+
+
 def test_rank_streams_differ_and_restore(worlds):
     for world in (2, 3):
         ranks = worlds[world]
@@ -233,24 +238,28 @@ def test_ddp_around_the_inner_model_gives_wrong_meta_gradients(worlds):
 
 
 # ------------------------------------------------------------------------------ faults
-def test_killed_rank_stops_the_other_with_a_message(groups):
-    ranks = groups["kill"].results()
-    assert ranks[1] is None  # SIGKILLed before saving anything
-    error, elapsed = ranks[0]["error"], ranks[0]["elapsed"]
+@pytest.fixture(scope="module")
+def faults(groups):
+    """What rank 0 saw when rank 1 failed in each way (in turn, in new process groups)."""
+    ranks = groups["faults"].results()
+    assert ranks[1] is None  # SIGKILLed in the last round, before saving anything
+    return ranks[0]
+
+
+def test_killed_rank_stops_the_other_with_a_message(faults):
+    error, elapsed = faults["kill"]["error"], faults["kill"]["elapsed"]
     assert "all_reduce_grads failed on rank 0 of 2" in error and "another rank" in error
-    assert elapsed < 10.0  # the dead peer's closed connection is seen at once
+    assert elapsed < W.FAULTS["kill"]  # the dead peer's closed connection is seen at once
 
 
-def test_rank_that_raises_stops_the_other_at_once(groups):
-    """Leaving `with init():` by an exception closes the group, though the process lives on."""
-    rank0 = groups["raise"].results()[0]
-    assert "all_reduce_grads failed on rank 0 of 2" in rank0["error"]
-    assert rank0["elapsed"] < 3.0  # rank 1 stays alive for 5 s; the timeout is 10 s
+def test_rank_that_raises_stops_the_other_at_once(faults):
+    """Leaving `with init():` by an exception closes the group; the process lives on."""
+    assert "all_reduce_grads failed on rank 0 of 2" in faults["raise"]["error"]
+    assert faults["raise"]["elapsed"] < 3.0  # the timeout is 10 s
 
 
-def test_absent_rank_times_out_with_a_message(groups):
-    ranks = groups["hang"].results()
-    error, elapsed = ranks[0]["error"], ranks[0]["elapsed"]
+def test_absent_rank_times_out_with_a_message(faults):
+    error, elapsed = faults["hang"]["error"], faults["hang"]["elapsed"]
     assert "all_reduce_grads failed" in error and "timeout of 2 s" in error
     assert 1.5 < elapsed < 6.0
 
