@@ -32,12 +32,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from . import distributed as dist
 from ._checks import ArgumentError
-from .app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from .app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from .app.configs import register_configs
 from .app.errors import ConfigError, RunRefused, check_finite_numbers
 from .app.guard import available_memory, estimate_hpo_memory
 from .app.jobs import GROUPS_USED, JOBS
+from .app.logger import NullLogger
 from .app.loop import Interrupted, LoopResult, NonFiniteError, resume_state, run_loop
 from .app.resume import check_targets, config_yaml, continue_config, recorded_config
 from .app.runfolder import RunFolder
@@ -116,7 +118,9 @@ class _Prepared:
 
 def _prune(cfg: DictConfig, ctx: _Context) -> DictConfig:
     """The config without the groups its loop does not read (with a warning for given ones)."""
-    used = GROUPS_USED[cfg.loop]
+    used = GROUPS_USED.get(cfg.loop)
+    if used is None:
+        return cfg  # an unknown loop: check_settings names it
     cfg = copy.deepcopy(cfg)
     groups = ("inner_optim", "learn", "hypergrad", "truncated", "learner", "online_optim")
     for group in (*groups, "outer_optim"):
@@ -143,17 +147,23 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"{e.arg}: {e}") from None
 
 
-def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context) -> _Prepared:
+def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context, world_size: int = 1) -> _Prepared:
     """Every check and the whole build of the run; writes nothing."""
     ckpt = run.path / CHECKPOINT_NAME
     choices = dict(ctx.choices)
     checkpoint = None
     resume = bool(cfg.resume)
     if not resume and ckpt.is_file():
-        job_id = _submitit_job()
-        checkpoint = load_checkpoint(ckpt) if job_id is not None else None
-        if checkpoint is not None and checkpoint.get("submitit_job") == job_id:
-            log.info("submitit restarted job %s: continuing from its checkpoint", job_id)
+        job_id, run_id = _submitit_job(), _torchrun_id()
+        restarted = job_id is not None or (
+            run_id is not None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        )
+        checkpoint = load_checkpoint(ckpt) if restarted else None
+        if checkpoint is not None and (
+            (job_id is not None and checkpoint.get("submitit_job") == job_id)
+            or (run_id is not None and checkpoint.get("torchrun_id") == run_id)
+        ):
+            log.info("the launcher restarted this run: continuing from its checkpoint")
             resume = True
         else:
             raise RunRefused(
@@ -170,7 +180,7 @@ def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context) -> _Prepared:
         check_targets(recorded_config(checkpoint["config"], ckpt), list(cfg.trusted_targets), ckpt)
         saved_choices = dict(checkpoint.get("choices", {}))
         cfg = continue_config(
-            cfg,
+            _prune(cfg, _Context()),  # compared with the recorded config, which was pruned too
             checkpoint["config"],
             saved_choices,
             choices,
@@ -179,7 +189,7 @@ def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context) -> _Prepared:
             int(checkpoint["loop"]["step"]),
         )
         choices = saved_choices or choices
-    cfg, job = build(cfg, ctx.overrides)
+    cfg, job = build(cfg, ctx.overrides, 0, world_size)
     start = None
     if checkpoint is not None:
         try:
@@ -194,12 +204,15 @@ def _prepare(cfg: DictConfig, run: RunFolder, ctx: _Context) -> _Prepared:
     return _Prepared(cfg, job, start, choices)
 
 
-def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[DictConfig, Any]:
+def build(
+    cfg: DictConfig, overrides: list[str] | None = None, rank: int = 0, world_size: int = 1
+) -> tuple[DictConfig, Any]:
     """Check `cfg` and build its job, without a run folder (nothing is written).
 
     Args:
         cfg: a composed config.
         overrides: the command-line overrides (None: unknown).
+        rank, world_size: this process's place in a distributed run.
 
     Returns:
         The config the job was built from (groups its loop does not use set to None) and
@@ -221,7 +234,15 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[DictConf
         explicit=None
         if overrides is None
         else [o.split("=", 1)[0].lstrip("+~") for o in overrides],
+        rank=rank,
+        world_size=world_size,
     )
+    if world_size > 1 and cfg.loop in ("online", "truncated"):
+        raise ConfigError(
+            f"loop: loop={cfg.loop} runs in one process; start it with python, not torchrun or "
+            "srun with several tasks (loop=hpo spreads population=N inner runs, loop=fewshot "
+            "the tasks of each meta-batch)"
+        )
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
@@ -317,6 +338,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
         NonFiniteError: too many non-finite meta-gradients in a row.
     """
     ctx = _hydra_context()
+    try:
+        world = dist.init(timeout=float(cfg.get("dist_timeout", 600.0)))
+    except ValueError as e:
+        raise ConfigError(f"dist_timeout: {e}") from None
+    with world:
+        if world.world_size == 1:
+            return _train_alone(cfg, run_dir, ctx)
+        return _train_together(cfg, run_dir, ctx, world)
+
+
+def _train_alone(cfg: DictConfig, run_dir: str | Path | None, ctx: _Context) -> LoopResult:
     run = RunFolder(run_dir if run_dir is not None else (ctx.output_dir or Path.cwd()))
     try:
         run.lock()
@@ -336,34 +368,129 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> LoopResult:
         run.release()
 
 
-def _run(prepared: _Prepared, run: RunFolder, ctx: _Context) -> LoopResult:
+class FollowerStop(RuntimeError):
+    """A process other than rank 0 stops because rank 0 refused the run (rank 0 says why)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__("the run was refused on rank 0")
+        self.code = code
+
+
+def _train_together(
+    cfg: DictConfig, run_dir: str | Path | None, ctx: _Context, world: dist.World
+) -> LoopResult:
+    """A distributed run: rank 0 checks, writes and reports; every process computes its share.
+
+    Rank 0 takes the folder's lock and runs every check (as a single process does), then
+    sends the outcome and the config to the others, which build the same job from it (and
+    read the same checkpoint when resuming). Meta-parameters and the outer optimizer's state
+    are then broadcast from rank 0, so every process starts from the same values.
+    """
+    import torch.distributed as tdist
+
+    status: dict[str, Any] = {"code": 0, "message": "", "kind": ""}
+    run: RunFolder | None = None
+    prepared = None
+    if world.rank == 0:
+        run = RunFolder(run_dir if run_dir is not None else (ctx.output_dir or Path.cwd()))
+        try:
+            run.lock()
+            prepared = _prepare(cfg, run, ctx, world.world_size)
+            status.update(
+                run=str(run.path),
+                config=config_yaml(prepared.cfg),
+                resume=prepared.start is not None,
+            )
+        except (ConfigError, RunRefused, CheckpointError) as e:
+            run.refused()
+            status.update(code=EXIT_REFUSED, message=str(e), kind=type(e).__name__)
+            error: BaseException = e
+    box = [status]
+    tdist.broadcast_object_list(box, src=0)
+    status = box[0]
+    if status["code"]:
+        if world.rank == 0:
+            raise error if not isinstance(error, CheckpointError) else RunRefused(str(error))
+        raise FollowerStop(status["code"])
+    if world.rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 reports
+        path = Path(status["run"])
+        if ctx.output_dir is not None and ctx.output_dir.resolve() != path:
+            with contextlib.suppress(OSError):  # Hydra made this process its own folder
+                ctx.output_dir.rmdir()
+        follower_cfg = OmegaConf.create(status["config"])
+        follower_cfg, job = build(follower_cfg, None, world.rank, world.world_size)
+        start = None
+        if status["resume"]:
+            checkpoint = load_checkpoint(path / CHECKPOINT_NAME)
+            job.load_state_dict(checkpoint["job"])
+            start = dict(checkpoint["loop"])
+        prepared = _Prepared(follower_cfg, job, start, {})
+        run = RunFolder.__new__(RunFolder)  # a view of rank 0's folder: no lock, no writes
+        run.path = path
+    assert prepared is not None and run is not None
+    dist.broadcast(prepared.job.module)
+    dist.broadcast(prepared.job.outer_optimizer)
+    # Per-process random streams: from the seed and the rank, or as saved.
+    if prepared.start is not None:
+        states = _saved_rng(run.path)
+        if states is not None and len(states) == world.world_size:
+            dist.restore_rng_state(states)
+    elif world.rank > 0:
+        torch.manual_seed(dist.rank_seed(int(prepared.cfg.seed), world.rank))
+    try:
+        return _run(prepared, run, ctx, world)
+    finally:
+        if world.rank == 0:
+            run.release()
+
+
+def _saved_rng(path: Path) -> list[Any] | None:
+    states = load_checkpoint(path / CHECKPOINT_NAME).get("rng_by_rank")
+    return list(states) if isinstance(states, list) else None
+
+
+def _run(
+    prepared: _Prepared, run: RunFolder, ctx: _Context, world: dist.World | None = None
+) -> LoopResult:
     cfg, job, start = prepared.cfg, prepared.job, prepared.start
+    main = world is None or world.rank == 0
     overrides = list(ctx.overrides or [])
-    if start is None:
-        run.write_records(OmegaConf.to_yaml(cfg), ctx.hydra_yaml, overrides)
-    else:
-        run.append_resume(overrides, int(start["step"]))
-        log.info("resuming %s from outer step %d", run.path, start["step"])
-    handler = logging.FileHandler(run.path / "train.log")
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    logging.getLogger().addHandler(handler)
+    handler = None
+    if main:
+        if start is None:
+            run.write_records(OmegaConf.to_yaml(cfg), ctx.hydra_yaml, overrides)
+        else:
+            run.append_resume(overrides, int(start["step"]))
+            log.info("resuming %s from outer step %d", run.path, start["step"])
+        handler = logging.FileHandler(run.path / "train.log")
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        )
+        logging.getLogger().addHandler(handler)
     from hydra.utils import instantiate
 
     outer_steps = int(cfg.outer_steps)
     if getattr(job, "learns_nothing", False):
         log.info("learn is empty: nothing is learned, the run only evaluates (outer_steps=0)")
         outer_steps = 0
-    make_logger = instantiate(plain(cfg.logger))
-    logger = make_logger(run_dir=run.path, purge_step=None if start is None else start["step"] + 1)
+    if main:
+        make_logger = instantiate(plain(cfg.logger))
+        purge = None if start is None else start["step"] + 1
+        logger = make_logger(run_dir=run.path, purge_step=purge)
+    else:
+        logger = NullLogger()
     if start is None:
         logger.text("config", OmegaConf.to_yaml(cfg, resolve=True))
         logger.layout(job.layout())
-    progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    progress = main and (cfg.progress if cfg.progress is not None else sys.stderr.isatty())
     extra = {
         "config": config_yaml(cfg),
         "choices": dict(prepared.choices),
         "submitit_job": _submitit_job(),
+        "torchrun_id": _torchrun_id(),
     }
+    ckpt = run.path / CHECKPOINT_NAME
     try:
         with _stop_requests() as stop:
             try:
@@ -373,12 +500,13 @@ def _run(prepared: _Prepared, run: RunFolder, ctx: _Context) -> LoopResult:
                     logger=logger,
                     val_every=int(cfg.val_every),
                     checkpoint_every=int(cfg.checkpoint_every),
-                    checkpoint_path=run.path / CHECKPOINT_NAME,
+                    checkpoint_path=ckpt,
                     max_nonfinite=int(cfg.max_nonfinite),
                     progress=bool(progress),
                     start=start,
                     checkpoint_extra=extra,
-                    stop=lambda: stop["signum"],
+                    stop=(lambda: stop["signum"]) if world is None else _agreed(stop),
+                    save=None if world is None else _saver(ckpt, main),
                 )
             except Interrupted as e:
                 if stop["chained"] is not None and e.signum != signal.SIGINT:
@@ -388,8 +516,11 @@ def _run(prepared: _Prepared, run: RunFolder, ctx: _Context) -> LoopResult:
         logger.hparams(_flat_hparams(cfg, prepared.choices), final_tags)
     finally:
         logger.close()
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    if not main:
+        return result
 
     learned = {k.removeprefix("meta/"): v for k, v in job.meta_scalars().items()}
     summary = {
@@ -412,6 +543,44 @@ def _run(prepared: _Prepared, run: RunFolder, ctx: _Context) -> LoopResult:
         has_events=bool(getattr(logger, "writes_events", False)),
     )
     return result
+
+
+def _agreed(stop: dict[str, Any]) -> Any:
+    """A stop request any process received, agreed on by all (one small all-reduce a step)."""
+    import torch.distributed as tdist
+
+    def agreed() -> int | None:
+        flag = torch.tensor([stop["signum"] or 0], dtype=torch.int64, device=dist.device())
+        try:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        except RuntimeError as e:
+            raise dist.DistributedError(
+                f"another process of the run stopped or failed ({str(e).splitlines()[0]})"
+            ) from None
+        return int(flag) or None
+
+    return agreed
+
+
+def _saver(path: Path, main: bool) -> Any:
+    """Every process gives its RNG state; rank 0 writes the checkpoint."""
+
+    def save(payload: dict[str, Any]) -> None:
+        states = dist.rng_states()
+        if main:
+            save_checkpoint(path, {**payload, "torch_rng": states[0], "rng_by_rank": states})
+
+    return save
+
+
+def _follower() -> bool:
+    """Whether this process is a rank other than 0 of a distributed run (it stays quiet)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) > 0
+
+
+def _torchrun_id() -> str | None:
+    """torchrun's run id (the same for the restarts of one run), or None."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") if os.environ.get("TORCHELASTIC_RUN_ID") else None
 
 
 def _describe(t: torch.Tensor) -> dict[str, float]:
@@ -532,14 +701,20 @@ def main() -> None:
                 EXIT_REFUSED,
                 f"Invalid config: {e}" if isinstance(e, ConfigError) else f"Refused: {e}",
             )
-        except (CheckpointError, NonFiniteError) as e:
+        except (CheckpointError, NonFiniteError, dist.DistributedError) as e:
             code, message = EXIT_FAILED, f"Error: {e}"
+        except FollowerStop as e:
+            code, message = e.code, ""
         except Interrupted as e:
             run = ctx.output_dir.resolve() if ctx.output_dir else Path.cwd()
             code = 128 + e.signum
             message = (
-                f"stopped after outer step {e.step} with a checkpoint; continue with:\n  "
-                f"{_resume_command(run, list(cfg.trusted_targets))}"
+                ""
+                if _follower()
+                else (
+                    f"stopped after outer step {e.step} with a checkpoint; continue with:\n  "
+                    f"{_resume_command(run, list(cfg.trusted_targets))}"
+                )
             )
         except KeyboardInterrupt:
             code, message = (
@@ -549,7 +724,8 @@ def main() -> None:
         if code:
             with contextlib.suppress(ValueError):  # a further Ctrl-C while exiting changes nothing
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-            print(message, file=sys.stderr, flush=True)
+            if message:
+                print(message, file=sys.stderr, flush=True)
             if ctx.multirun:
                 raise RuntimeError(message)
             sys.exit(code)

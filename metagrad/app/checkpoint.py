@@ -117,6 +117,11 @@ def validate_checkpoint(data: Any, path: Path) -> None:
     rng = data["torch_rng"]
     if rng.dtype != torch.uint8 or rng.dim() != 1:
         raise _fail(path, "the random-number state is malformed")
+    by_rank = data.get("rng_by_rank", [rng])
+    if not isinstance(by_rank, list) or not all(
+        isinstance(s, Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in by_rank
+    ):
+        raise _fail(path, "the per-process random-number states are malformed")
     choices = data.get("choices", {})
     if not isinstance(choices, Mapping) or not all(
         isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in choices.items()

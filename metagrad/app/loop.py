@@ -84,6 +84,7 @@ def run_loop(
     start: Mapping[str, Any] | None = None,
     checkpoint_extra: Mapping[str, Any] | None = None,
     stop: Callable[[], int | None] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopResult:
     """Run outer steps until `outer_steps`, logging each with the outer step count (1-based).
 
@@ -100,6 +101,8 @@ def run_loop(
         checkpoint_extra: more plain data to store in every checkpoint (e.g. the config).
         stop: returns a signal number once a stop was requested (else None); the loop then
             writes a checkpoint after the current step and raises `Interrupted`.
+        save: writes a checkpoint payload (default: `save_checkpoint(checkpoint_path, ...)`
+            with the RNG state); a distributed run passes one that every process calls.
 
     Returns:
         The final metrics (`job.evaluate(final=True)`) and counts.
@@ -137,6 +140,7 @@ def run_loop(
             progress,
             checkpoint_extra,
             stop or (lambda: None),
+            save,
         )
 
 
@@ -153,6 +157,7 @@ def _run(
     progress: bool,
     checkpoint_extra: Mapping[str, Any] | None,
     stop: Callable[[], int | None],
+    save: Callable[[dict[str, Any]], None] | None,
 ) -> LoopResult:
     first = counters["step"]
     if first == 0:
@@ -195,13 +200,16 @@ def _run(
             log.info("outer step %d/%d: %s", step, outer_steps, shown)
         counters["step"] = step
         signum = stop()
-        if checkpoint_path is not None and (
+        if (checkpoint_path is not None or save is not None) and (
             signum is not None
             or (checkpoint_every and (step % checkpoint_every == 0 or step == outer_steps))
         ):
             payload = {**(checkpoint_extra or {}), "job": job.state_dict(), "loop": dict(counters)}
-            payload["torch_rng"] = torch.get_rng_state()
-            save_checkpoint(checkpoint_path, payload)
+            if save is not None:
+                save(payload)
+            else:
+                payload["torch_rng"] = torch.get_rng_state()
+                save_checkpoint(checkpoint_path, payload)
             logger.flush()
         if signum is not None and step < outer_steps:
             bar.close()

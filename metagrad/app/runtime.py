@@ -95,6 +95,7 @@ class Runtime:
         loss: `loss(prediction, target)`, the inner and outer objective.
         metric: `(name, metric(prediction, target))` reported besides the loss, or None.
         explicit: config keys the user gave on the command line (None: unknown).
+        rank, world_size: this process's place among the processes of a distributed run.
     """
 
     device: torch.device
@@ -103,6 +104,13 @@ class Runtime:
     loss: LossFn = F.cross_entropy
     metric: tuple[str, LossFn] | None = None
     explicit: list[str] | None = field(default=None)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process reports (rank 0)."""
+        return self.rank == 0
 
     def to(self, tree: Any) -> Any:
         """Tensors of `tree` on the run's device; floating ones in its dtype."""
@@ -150,7 +158,8 @@ def resolve_objectives(cfg: DictConfig, task: Any) -> tuple[LossFn, tuple[str, L
     found = _loss_spec(plain(loss_spec), "loss", _LOSSES)
     if found is None:
         raise ConfigError("loss: a run needs a loss (cross_entropy, mse or {_target_: ...})")
-    default_metric = getattr(task, "metric", "accuracy" if found[0] == "cross_entropy" else None)
+    default_metric = "accuracy" if found[0] == "cross_entropy" else None
+    default_metric = getattr(task, "metric", default_metric)
     metric_spec = cfg.metric if cfg.metric is not None else default_metric
     return found[1], _loss_spec(plain(metric_spec), "metric", _METRICS)
 

@@ -60,11 +60,13 @@ class TrainSettings:
     loss: Any = None  # None: the task's own; cross_entropy | mse | {_target_: ...}
     metric: Any = None  # None: the task's own; accuracy | none | {_target_: ...}
     memory_guard: bool = True  # refuse a run whose estimated peak memory does not fit
+    dist_timeout: float = 600.0  # seconds a process waits for the others (distributed runs)
     trusted_targets: list[str] = field(default_factory=list)  # modules a resumed run may run
 
     # loop=hpo
     horizon: int = 100  # inner steps of each inner training run
     eval_horizon: int | None = None  # inner steps of evaluation runs; None: horizon
+    population: int = 1  # inner runs per outer step, meta-gradients averaged (spread over ranks)
 
     # loop=truncated
     truncation: int = 10  # inner steps per truncation (one outer step)
@@ -120,11 +122,13 @@ def check_settings(cfg: Any) -> None:
         "horizon",
         "meta_batch",
         "truncation",
+        "population",
     ):
         check_count(cfg[key], key)
     check_count(cfg.eval_tasks, "eval_tasks")
     check_count(cfg.threads, "threads", allow_none=True)
     check_count(cfg.eval_horizon, "eval_horizon", allow_none=True)
+    check_number(cfg.dist_timeout, "dist_timeout", 0.0, low_open=True)
     check_number(
         cfg.learned_lr_outer_lr, "learned_lr_outer_lr", 0.0, low_open=True, allow_none=True
     )

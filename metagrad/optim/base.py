@@ -10,6 +10,7 @@ an update rule reads `h.lr`, `h.momentum`, ... instead of resolving names by han
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
@@ -135,15 +136,18 @@ class Optimizer(Generic[State]):
                     f.name, f"Invalid {f.name}: expected true or false, got {value!r}"
                 )
         self._check_args()
-        # (field name, value) pairs resolved per parameter at every step, pairs flattened.
-        self._resolvable: list[tuple[str, str, Hyper]] = []
+
+    def _resolvable(self) -> list[tuple[str, str, Hyper]]:
+        """(field, argument name, value) of every hyperparameter, pairs flattened; read from
+        the current attributes (a copy whose tensors were swapped in is resolved as it is)."""
+        out: list[tuple[str, str, Hyper]] = []
         for f in _fields(type(self), "hyper", "pair"):
             value = getattr(self, f.name)
             if f.metadata[_KIND] == "pair":
-                for i, v in enumerate(value):
-                    self._resolvable.append((f.name, f"{f.name}[{i}]", v))
+                out.extend((f.name, f"{f.name}[{i}]", v) for i, v in enumerate(value))
             else:
-                self._resolvable.append((f.name, f.name, value))
+                out.append((f.name, f.name, value))
+        return out
 
     def _check_args(self) -> None:
         """Checks that involve several hyperparameters (subclasses override)."""
@@ -201,7 +205,7 @@ class Optimizer(Generic[State]):
 
     def check(self, params: Params) -> None:
         """Check that every per-parameter hyperparameter fits `params` (called by `init`)."""
-        check_coverage(params, {arg: v for _, arg, v in self._resolvable})
+        check_coverage(params, {arg: v for _, arg, v in self._resolvable()})
 
     def per_parameter(
         self, params: Params, grads: Params
@@ -213,9 +217,10 @@ class Optimizer(Generic[State]):
         parameter).
         """
         check_grads(params, grads)
+        resolvable = self._resolvable()
         for name, p in params.items():
             values: dict[str, Any] = {}
-            for field, arg, value in self._resolvable:
+            for field, arg, value in resolvable:
                 v = resolve(value, arg, name, p)
                 if field == arg:
                     values[field] = v
@@ -237,5 +242,6 @@ class Optimizer(Generic[State]):
         return f"{type(self).__name__}({args})"
 
 
-def _fields(cls: type, *kinds: str) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.metadata.get(_KIND) in kinds]
+@functools.cache
+def _fields(cls: type, *kinds: str) -> tuple[dataclasses.Field, ...]:
+    return tuple(f for f in dataclasses.fields(cls) if f.metadata.get(_KIND) in kinds)

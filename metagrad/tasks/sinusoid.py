@@ -55,6 +55,10 @@ class SinusoidTasks:
         query: query points per task of `episodes`.
     """
 
+    #: The loss of the training loops (a regression), and no further metric.
+    loss = "mse"
+    metric = None
+
     def __init__(
         self,
         amplitude: tuple[float, float] = (0.1, 5.0),

@@ -71,6 +71,7 @@ NEEDS = {
     "learner": FEWSHOT,
     "online_optim": ONLINE,
     ("task", "sinusoid"): FEWSHOT,
+    ("online_optim", "hyperoptimizer"): ["loop=online", "outer_steps=2", "model.hidden=[16]"],
     ("task", "digits_fewshot"): DIGITS_FEWSHOT,
     ("task", "image_folder"): None,  # needs image files: tests/tasks/test_image_folder.py
     ("model", "conv4"): DIGITS_FEWSHOT,

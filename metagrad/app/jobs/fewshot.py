@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ... import distributed as dist
 from ...learners import MetaLearner
 from ...optim.base import Optimizer
 from ...tasks.protocols import EpisodicTask
@@ -54,16 +55,30 @@ class FewShotJob(MetaJob):
         self.eval_inner_steps = eval_inner_steps
 
     def compute(self, index: int) -> dict[str, float]:
-        batch = self.rt.to(
-            self.task.episodes("train", self.meta_batch, mix_seed(self.rt.seed, index))
-        )
-        loss = self.learner(*batch)
-        if bool(torch.isfinite(loss)):
-            loss.backward()
+        batch = self.task.episodes("train", self.meta_batch, mix_seed(self.rt.seed, index))
+        if self.rt.world_size > 1:  # this process's contiguous share of the meta-batch
+            batch = dist.shard_batch(batch, self.rt.rank, self.rt.world_size)
+        mine = len(batch[0])
+        loss = torch.zeros((), dtype=self.rt.dtype, device=self.rt.device)
+        if mine:
+            loss = self.learner(*self.rt.to(batch))
+            if bool(torch.isfinite(loss)):
+                loss.backward()
+            else:  # every process then sees a non-finite meta-gradient and skips the step
+                for p in self.learner.parameters():
+                    p.grad = torch.full_like(p, float("nan"))
+        if self.rt.world_size > 1:
+            # One all-reduce: the mean over every task of the meta-batch, loss included.
+            loss = dist.all_reduce_grads(self.learner, mean_of=mine, loss=loss.detach())
         return {"outer/loss": float(loss.detach())}
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
-        """Query loss (and metric, with a 95% interval) on new tasks after each step count."""
+        """Query loss (and metric, with a 95% interval) on new tasks after each step count.
+
+        Only the reporting process (rank 0) evaluates; the others return nothing.
+        """
+        if not self.rt.main:
+            return {}
         split = "test" if final else "val"
         count = self.eval_tasks if final else max(2, self.eval_tasks // 6)
         sx, sy, qx, qy = self.task.episodes(split, count, mix_seed(self.rt.seed, 0, salt=1))

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from ... import distributed as dist
 from ..._checks import ArgumentError, Params
 from ...functional import Functional
 from ...hypergrad import NonFiniteLossError
@@ -55,6 +56,9 @@ class HPOJob(MetaJob):
         horizon: the inner horizon T.
         rt: device, dtype, seed, loss and metric.
         eval_horizon: inner steps of evaluation runs (None: `horizon`).
+        population: inner runs per outer step (independent seeds), whose meta-gradients are
+            averaged: a lower-variance estimate, spread over the processes of a distributed
+            run.
     """
 
     def __init__(
@@ -70,8 +74,10 @@ class HPOJob(MetaJob):
         horizon: int,
         rt: Runtime,
         eval_horizon: int | None = None,
+        population: int = 1,
     ) -> None:
         super().__init__(meta, meta, outer_optimizer)
+        self.population = population
         self.task = task
         self.make_model = make_model
         self.fmodel = Functional(make_model(rt.seed))
@@ -145,12 +151,54 @@ class HPOJob(MetaJob):
 
     # ------------------------------------------------------------------ the job
     def compute(self, index: int) -> dict[str, float]:
-        result = self.method(self.problem(index), self.meta)
-        result.apply(self.meta)  # non-finite values too: the skeleton names and skips them
-        return dict(result.metrics)
+        """The meta-gradient averaged over the population's inner runs (1 by default).
+
+        Member k of outer step `index` trains from its own initialization and batches; in a
+        distributed run each process takes a contiguous share of the population and one
+        all-reduce averages the meta-gradients.
+        """
+        members = range(self.population)
+        if self.rt.world_size > 1:
+            members = dist.shard(self.population, self.rt.rank, self.rt.world_size)
+        metrics: dict[str, float] = {}
+        losses = []
+        failed: NonFiniteLossError | None = None
+        for k in members:
+            try:
+                result = self.method(self.problem(index, salt=_member_salt(k)), self.meta)
+            except NonFiniteLossError as e:
+                if self.rt.world_size == 1:
+                    raise
+                failed = e  # still join the all-reduce, with a non-finite contribution
+                for p in self.meta.parameters():
+                    p.grad = torch.full_like(p, float("nan"))
+                continue
+            result.apply(self.meta)  # non-finite values too: the skeleton names and skips them
+            losses.append(result.outer_loss)
+            metrics = dict(result.metrics)
+        local = torch.stack(losses).sum() if losses else torch.zeros(())
+        if self.rt.world_size > 1:
+            loss = dist.all_reduce_grads(
+                self.meta, sum_of=len(members), loss=local.to(self.rt.device)
+            )
+        else:
+            loss = local / max(len(losses), 1)
+            if self.population > 1:
+                for p in self.meta.parameters():
+                    if p.grad is not None:
+                        p.grad = p.grad / self.population
+        if failed is not None:
+            raise failed
+        metrics["outer/loss"] = float(loss)
+        return metrics
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
-        """Train a fresh model with the current hyperparameters (no graph) and score it."""
+        """Train a fresh model with the current hyperparameters (no graph) and score it.
+
+        Only the reporting process (rank 0) evaluates; the others return nothing.
+        """
+        if not self.rt.main:
+            return {}
         problem = self.problem(0, self.eval_horizon, salt=1)
         out: dict[str, float] = {}
         try:
@@ -181,6 +229,11 @@ class HPOJob(MetaJob):
     def learns_nothing(self) -> bool:
         """True when no hyperparameter is learned (`learn=none`): the run only evaluates."""
         return not self.meta.entry_names()
+
+
+def _member_salt(k: int) -> int:
+    """Seeds of population member k: member 0 is the plain run; evaluation uses salt 1."""
+    return 0 if k == 0 else 100 + k
 
 
 def build_parts(cfg: DictConfig, rt: Runtime, loop: str = "hpo") -> dict[str, Any]:
@@ -224,6 +277,7 @@ def build_parts(cfg: DictConfig, rt: Runtime, loop: str = "hpo") -> dict[str, An
         horizon=int(cfg.horizon),
         rt=rt,
         eval_horizon=cfg.eval_horizon,
+        population=int(cfg.population),
     )
 
 
