@@ -158,7 +158,7 @@ def _expand_host(item: str, nodelist: str) -> list[str]:
         return [item]
     prefix, ranges, rest = match.groups()
     tails = _expand_host(rest, nodelist) if rest else [""]
-    out = []
+    out: list[str] = []
     for part in ranges.split(","):
         low, _, high = part.partition("-")
         high = high or low
@@ -199,8 +199,10 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world = _int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_NTASKS")
         local = _int_var(env, "SLURM_LOCALID", 0)
-        addr = env.get("MASTER_ADDR")
-        if addr is None:
+        given = env.get("MASTER_ADDR")
+        if given is not None:
+            addr = given
+        else:
             nodes = next(
                 (
                     env[k]
@@ -327,7 +329,7 @@ def init(
     from_env = environ is None or environ is os.environ
     tcp = f"tcp://{env.master_addr}:{env.master_port}"
     method = "env://" if env.source == "torchrun" and from_env else tcp
-    extra = {"device_id": dev} if backend == "nccl" else {}
+    extra: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
     try:
         dist.init_process_group(
             backend,
@@ -492,7 +494,7 @@ def shard_batch(batch: Any, rank: int | None = None, world: int | None = None) -
     part = shard(sizes.pop(), rank, world)
     parts = [t[part.start : part.stop] for t in items]
     if isinstance(batch, Mapping):
-        return type(batch)(zip(batch.keys(), parts, strict=True))
+        return type(batch)(zip(batch.keys(), parts, strict=True))  # type: ignore[call-arg]
     if hasattr(batch, "_fields"):  # a NamedTuple such as TaskBatch
         return type(batch)(*parts)
     return type(batch)(parts)
@@ -558,6 +560,7 @@ def all_reduce_grads(
     """
     count, is_mean = _count(mean_of, sum_of)
     params: list[Tensor] | None = None
+    names: list[Any]
     if isinstance(grads, HypergradResult):
         names, tensors = list(grads.grads) + [None], [*grads.grads.values(), grads.outer_loss]
     elif isinstance(grads, Mapping):
@@ -685,6 +688,7 @@ def broadcast(obj: Any, src: int = 0) -> Any:
         with _collective("broadcast"):
             dist.broadcast_object_list(box, src=src, device=_object_device())
         if rank() != src:
+            assert box[0] is not None
             obj.load_state_dict(box[0])
         return obj
     if isinstance(obj, nn.Module):

@@ -27,12 +27,11 @@ class _Entry:
     steps: int | None
 
 
-def _bounds(constraint: Constraint) -> tuple[float, float] | None:
-    if constraint == "unit":
-        return (0.0, 1.0)
+def _bounds(constraint: Constraint) -> tuple[float, float]:
+    """The interval of a "unit" or (low, high) constraint."""
     if isinstance(constraint, tuple):
         return constraint
-    return None
+    return (0.0, 1.0)
 
 
 def _check_constraint(constraint: Constraint, name: str) -> None:
@@ -226,6 +225,7 @@ class MetaParameters(nn.Module):
         else:
             store = nn.ParameterDict()
             for pname in names:
+                assert params is not None  # checked above for this scope
                 shape = lead + tuple(params[pname].shape)
                 store[_key(pname)] = nn.Parameter(initial(shape, pick(pname), f"{name}.{pname}"))
             self.add_module(name, store)

@@ -81,7 +81,9 @@ class ExampleWeights(nn.Module):
         _check_init(init, "ExampleWeights")
         if dtype is None:
             floating = isinstance(init, Tensor) and init.is_floating_point()
-            dtype = init.dtype if floating else torch.get_default_dtype()
+            dtype = (
+                init.dtype if isinstance(init, Tensor) and floating else torch.get_default_dtype()
+            )
         value = torch.as_tensor(init.detach() if isinstance(init, Tensor) else init, dtype=dtype)
         if value.dim() == 0:
             value = value.expand(num_examples)

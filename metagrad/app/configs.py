@@ -212,7 +212,8 @@ def _config_default(value: Any) -> Any:
     if isinstance(value, tuple):
         value = list(value)
     if isinstance(value, list):
-        return dataclasses.field(default_factory=lambda v=value: list(v))
+        items = list(value)
+        return dataclasses.field(default_factory=lambda: list(items))
     if value is None or isinstance(value, _PRIMITIVES):
         return value
     raise TypeError("not representable")

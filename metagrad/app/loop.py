@@ -209,6 +209,7 @@ def _run(
                 save(payload)
             else:
                 payload["torch_rng"] = torch.get_rng_state()
+                assert checkpoint_path is not None
                 save_checkpoint(checkpoint_path, payload)
             logger.flush()
         if signum is not None and step < outer_steps:

@@ -153,13 +153,16 @@ def continue_config(
             steps done, or the recorded config is malformed.
     """
     try:
-        saved = OmegaConf.merge(OmegaConf.structured(TrainSettings), OmegaConf.create(saved_yaml))
+        merged = OmegaConf.merge(OmegaConf.structured(TrainSettings), OmegaConf.create(saved_yaml))
     except (OmegaConfBaseException, ValueError, TypeError) as e:
         first = str(e).splitlines()[0]
         raise RunRefused(
             f"the checkpoint in {run} records a config metagrad cannot read ({first}); it was "
             "not used"
         ) from None
+    if not isinstance(merged, DictConfig):
+        raise RunRefused(f"the checkpoint in {run} records a config that is not a mapping")
+    saved: DictConfig = merged
     now = _flat(OmegaConf.to_container(cfg, resolve=True))
     before = _flat(OmegaConf.to_container(saved, resolve=True))
     missing = object()

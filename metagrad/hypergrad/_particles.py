@@ -115,7 +115,7 @@ def _one_particle(
     start: tuple[Any, Any] | None,
     steps: range,
     functional: bool,
-) -> tuple[tuple[Any, Any], Tensor, Tensor]:
+) -> tuple[tuple[Any, Any], Tensor | None, Tensor]:
     """One particle's truncation with the meta-parameters as currently substituted."""
     if start is None:  # the start of the inner run: this particle's own initial state
         params = detach_tree(problem.initial_params(meta))

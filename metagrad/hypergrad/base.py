@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -89,7 +89,7 @@ class InnerRun:
 class Estimate(NamedTuple):
     """What `Estimator.estimate` hands back to be packaged into a `HypergradResult`."""
 
-    grads: dict[str, Tensor | None]
+    grads: Mapping[str, Tensor | None]
     outer_loss: Tensor
     run: InnerRun
     metrics: dict[str, float]
@@ -115,8 +115,8 @@ class Estimator:
 
     def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
         started = time.perf_counter()
-        grads, outer_loss, run, metrics = self.estimate(problem, meta)
-        grads = zero_unused(grads, dict(meta.named_parameters()))
+        found, outer_loss, run, metrics = self.estimate(problem, meta)
+        grads = zero_unused(found, dict(meta.named_parameters()))
         norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
         base = {
             "outer/loss": float(outer_loss.detach()),
@@ -252,7 +252,7 @@ def outer_loss(problem: InnerProblem, meta: MetaParameters, params: Params) -> T
 
 def meta_gradients(
     loss: Tensor, meta: MetaParameters, *, retain_graph: bool = False
-) -> dict[str, Tensor | None]:
+) -> Mapping[str, Tensor | None]:
     """Gradient of `loss` for every meta-parameter (None where the loss does not use it)."""
     named = dict(meta.named_parameters())
     grads = torch.autograd.grad(
@@ -261,7 +261,9 @@ def meta_gradients(
     return dict(zip(named, grads, strict=True))
 
 
-def zero_unused(grads: dict[str, Tensor | None], named: dict[str, Tensor]) -> dict[str, Tensor]:
+def zero_unused(
+    grads: Mapping[str, Tensor | None], named: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """Replace missing gradients by zeros and warn once, naming the meta-parameters."""
     unused = [n for n, g in grads.items() if g is None]
     if unused:

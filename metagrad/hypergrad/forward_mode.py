@@ -132,6 +132,7 @@ class ForwardMode(Estimator):
             else:
                 values = [torch.zeros((), dtype=p.dtype) if t is None else t for t in found]
                 grads[name] = torch.stack(values).view_as(p)
+        assert outer_loss is not None and run is not None
         return Estimate(grads, outer_loss, run, {"hypergrad/directions": float(total)})
 
     def _directional(

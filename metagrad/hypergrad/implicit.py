@@ -96,7 +96,7 @@ class Implicit(Estimator):
         return 1
 
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
-        named = dict(meta.named_parameters())
+        named: dict[str, Tensor] = dict(meta.named_parameters())
         _refuse_optimizer_hyperparameters(problem, meta, named)
 
         run = start(problem, meta, track=False)
@@ -167,7 +167,7 @@ class Implicit(Estimator):
                 allow_unused=True,
             )
         else:
-            mixed = (None,) * len(metas)
+            mixed = (None,) * len(metas)  # type: ignore[assignment]
 
         raw: dict[str, Tensor | None] = {}
         for name, d, m in zip(named, direct, mixed, strict=True):

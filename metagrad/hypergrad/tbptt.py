@@ -52,5 +52,6 @@ class TBPTT(TruncatedEstimator):
         loss = outer_loss(problem, meta, run.params)
         grads = meta_gradients(loss, meta)
         carry = detach_tree((run.params, run.state))
-        done = InnerRun(carry[0], carry[1], run.last_loss.detach())
+        last = None if run.last_loss is None else run.last_loss.detach()
+        done = InnerRun(carry[0], carry[1], last)
         return Estimate(grads, loss, done, {}), carry, None

@@ -193,7 +193,7 @@ class MetaLearner(nn.Module):
     def plan(self, steps: int) -> Plan:
         """Gather the meta-parameter values that every task of one forward pass uses."""
         adapted = set(self.adapted_names())
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        trainable: Params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         theta = {n: p for n, p in trainable.items() if n in adapted}
         shared = {n: p for n, p in trainable.items() if n not in adapted}
         return Plan(theta, shared, [self.inner_lr_at(t) for t in range(steps)], steps)
@@ -254,6 +254,7 @@ class MetaLearner(nn.Module):
         def objective(p: Params, bufs: Params) -> Tensor:
             return self.support_loss(plan, p, bufs, x, y)
 
+        grad_fn: Callable[[Params, Params], Params]
         if plan.vectorized:
             grad_fn = torch.func.grad(objective)
         else:

@@ -107,7 +107,7 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
         query_grad, query_value = torch.func.grad_and_value(query)(phi)
         # The support gradient is linearized once; each product is one backward through it
         # (reverse-over-reverse: H is symmetric, so the vector-Jacobian product is H v).
-        _, support_vjp = torch.func.vjp(torch.func.grad(support), phi)
+        _, support_vjp = torch.func.vjp(torch.func.grad(support), phi)[:2]
 
         def matvec(v: Params) -> Params:
             (hv,) = support_vjp(v)
@@ -122,5 +122,5 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
             step_size=self.step_size,
         )
         # A value equal to the query loss whose gradient in theta is the implicit direction.
-        surrogate = sum((direction[k].detach() * theta[k]).sum() for k in theta)
+        surrogate = torch.stack([(direction[k].detach() * theta[k]).sum() for k in theta]).sum()
         return query_value.detach() + (surrogate - surrogate.detach())

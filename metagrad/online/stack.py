@@ -134,7 +134,7 @@ class _Slot(NamedTuple):
     """A learnable hyperparameter: its optimizer attribute (= group key), index, storage."""
 
     key: str
-    index: int | None
+    index: int | None  # type: ignore[assignment]
     constraint: str  # "none": stored as is; "unit": stored as a logit, value = sigmoid(stored)
     placeholder: float  # a valid value for building an optimizer that receives a tensor
 
@@ -282,7 +282,7 @@ class Level:
     def pure_state(self, flat: Mapping[str, Any]) -> Any:
         """The one-parameter pure state from `flat_state`'s dict."""
         fields: dict[str, Any] = {}
-        for field in self._state_type._fields:
+        for field in self._state_type._fields:  # type: ignore[attr-defined]
             if field == "step":
                 fields[field] = flat["step"]
             else:
@@ -505,10 +505,10 @@ def _split_unit(unit: _Unit, params: list[Tensor]) -> list[_Unit]:
         for key, value in unit.state.items():
             if isinstance(value, Tensor) and value.dim() == 1 and value.numel() == sum(sizes):
                 for part, piece in zip(parts, value.split(sizes), strict=True):
-                    part[key] = piece.clone()
+                    part[key] = piece.clone()  # type: ignore[index]
             else:
                 for part in parts:
-                    part[key] = value
+                    part[key] = value  # type: ignore[index]
     return [_Unit([i], part) for i, part in zip(unit.positions, parts, strict=True)]
 
 
@@ -737,7 +737,7 @@ class Hyperoptimizer(torch.optim.Optimizer):
                 for name, t in stored_prev[k].items()
             }
             opt = self.levels[above].build(values[above], used[above])
-            new, state = opt.step(stored_prev[k], grads, upper_prev[k])
+            new, state = opt.step(stored_prev[k], grads, upper_prev[k])  # type: ignore[arg-type]
             upper[k] = _detach(state)
             if above == n - 1:  # fixed values above: the new values start the graph
                 new = {name: t.detach().requires_grad_() for name, t in new.items()}
@@ -807,7 +807,7 @@ class Hyperoptimizer(torch.optim.Optimizer):
         return result
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Compute every level's hypergradient, update the levels top-down, then the params.
 
         Args:
@@ -831,7 +831,7 @@ class Hyperoptimizer(torch.optim.Optimizer):
                 current = self._read(group, i, validate=True)
             stacks.append(stack)
             values.append(current)
-        self._flats: dict[tuple[int, str], Tensor] = {}
+        self._flats = {}
         try:
             with torch.enable_grad():
                 hypergrads = self._hypergradients(stacks, values)
@@ -847,7 +847,7 @@ class Hyperoptimizer(torch.optim.Optimizer):
         key = (id(unit), what)
         found = self._flats.get(key)
         if found is None:
-            tensors = [p.detach() if what == "param" else p.grad.detach() for p in members]
+            tensors = [p.detach() if what == "param" else p.grad.detach() for p in members]  # type: ignore[union-attr]
             found = self._flats[key] = _flat(tensors)
         return found
 
@@ -911,11 +911,12 @@ class Hyperoptimizer(torch.optim.Optimizer):
             grad = self._flat_of(unit, members, "grad")
             base.append((prev, grad, unit.state))
         upper_prev = stack.upper
-        stored, upper, new_params, new_states, used = self._advance(
+        stored, upper, new_params, new_states, used = self._advance(  # type: ignore[assignment]
             values, stored_prev, hypergrads, upper_prev, base
         )
         with torch.no_grad():
-            targets, pieces = [], []
+            targets: list[Tensor] = []
+            pieces: list[Tensor] = []
             for unit, new in zip(units, new_params, strict=True):
                 members = [params[i] for i in unit.positions]
                 parts = [new] if len(members) == 1 else new.split([p.numel() for p in members])
@@ -927,7 +928,7 @@ class Hyperoptimizer(torch.optim.Optimizer):
         stack.step += 1
         if n > 1:
             stack.outputs = list(zip(units, new_params, strict=True))
-            stack.stored = stored
+            stack.stored = stored  # type: ignore[assignment]
             stack.upper = upper
             stack.hypergrads = hypergrads
             stack.previous = {
@@ -969,7 +970,7 @@ class Hyperoptimizer(torch.optim.Optimizer):
         if group >= len(self._stacks) or self._stacks[group].hypergrads is None:
             return [{} for _ in range(self.height - 1)]
         out = []
-        for level in self._stacks[group].hypergrads:
+        for level in self._stacks[group].hypergrads:  # type: ignore[union-attr]
             found = {} if level is None else level
             out.append({name: float(h) for name, h in found.items() if h is not None})
         return out

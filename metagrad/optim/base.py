@@ -10,7 +10,6 @@ an update rule reads `h.lr`, `h.momentum`, ... instead of resolving names by han
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
@@ -242,6 +241,12 @@ class Optimizer(Generic[State]):
         return f"{type(self).__name__}({args})"
 
 
-@functools.cache
+_FIELDS: dict[tuple[type, tuple[str, ...]], tuple[dataclasses.Field, ...]] = {}
+
+
 def _fields(cls: type, *kinds: str) -> tuple[dataclasses.Field, ...]:
-    return tuple(f for f in dataclasses.fields(cls) if f.metadata.get(_KIND) in kinds)
+    """The fields of optimizer class `cls` declared with the given kinds (cached per class)."""
+    key = (cls, kinds)
+    if key not in _FIELDS:
+        _FIELDS[key] = tuple(f for f in dataclasses.fields(cls) if f.metadata.get(_KIND) in kinds)
+    return _FIELDS[key]

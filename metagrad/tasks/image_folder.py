@@ -143,8 +143,8 @@ class ImageFolderFewShot:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         for f in files:
             try:
-                with Image.open(f) as img:
-                    img = img.convert(mode).resize((self.image_size, self.image_size))
+                with Image.open(f) as opened:
+                    img = opened.convert(mode).resize((self.image_size, self.image_size))
                     data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
             except OSError as e:
                 raise OSError(f"could not read image {f}: {e}") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,3 +86,38 @@ def test_non_editable_install_runs_the_default_config_from_another_folder(tmp_pa
     assert "tensorboard --logdir" in run.stdout
     result = json.loads((elsewhere / "run" / "metrics.json").read_text())
     assert result["outer_steps"] == 1
+
+    # The README's "your own model and data" example, exactly: its file, its command, run from
+    # the user's own folder against this non-editable install (sizes shrunk).
+    readme = (ROOT / "README.md").read_text()
+    user_file = next(
+        b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "class Blobs" in b
+    )
+    command = next(
+        line.strip()
+        for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+        for line in block.splitlines()
+        if "mylab" in line
+    )
+    (elsewhere / "mylab.py").write_text(user_file)
+    args = shlex.split(command)[3:]  # after "python -m metagrad.train"
+    byo = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "metagrad.train",
+            *args,
+            "hydra.run.dir=byo",
+            "horizon=5",
+            "outer_steps=2",
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean_env,
+    )
+    assert byo.returncode == 0, byo.stderr[-3000:]
+    config = (elsewhere / "byo" / ".hydra" / "config.yaml").read_text()
+    assert "_target_: mylab.Net" in config and "_target_: mylab.Blobs" in config
+    assert "test/accuracy" in json.loads((elsewhere / "byo" / "metrics.json").read_text())["final"]

@@ -10,11 +10,7 @@ The README's hypergradient examples run here too (the learning one shortened).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import re
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -87,28 +83,3 @@ def test_per_layer_learning_rates_halve_the_validation_loss():
     assert final <= 0.5 * losses[0], (losses[0], final)
     assert all(v > 0.005 for v in meta.scalars().values()), meta.scalars()
     assert min(losses[-5:]) < min(losses[:5])
-
-
-README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def test_readme_hypergrad_examples_run():
-    """The README's examples, the learning one shortened to 3 outer steps of T = 20."""
-    text = README.read_text()
-    begin, end = "<!-- section: hypergrad -->", "<!-- end section: hypergrad -->"
-    section = text[text.index(begin) : text.index(end)]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 2, "the hypergrad section shows the Unrolled and Implicit examples"
-    learn, implicit = blocks
-    for full, short in (("range(30)", "range(3)"), ("T = 100", "T = 20")):
-        assert full in learn
-        learn = learn.replace(full, short)
-    namespace: dict = {}
-    with contextlib.redirect_stdout(io.StringIO()):
-        exec(compile(learn, "README.md:hypergrad-unrolled", "exec"), namespace)
-    assert all(v > 0.001 for k, v in namespace["meta"].scalars().items() if k.startswith("lr/"))
-    exec(compile(implicit, "README.md:hypergrad-implicit", "exec"), namespace)
-    result = namespace["result"]
-    assert result.is_finite() and result.grads["l2.weight"].abs().sum() > 0
-    assert result.metrics["implicit/inner_grad_norm"] < 1e-5
-    assert result.metrics["implicit/residual"] < 1e-4

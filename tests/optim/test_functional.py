@@ -5,10 +5,7 @@ Also runs the code examples of the README's optimizer section, so they stay true
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import re
 from pathlib import Path
 
 import pytest
@@ -251,49 +248,3 @@ def test_maml_meta_gradient_reaches_module_params_and_matches_finite_differences
             ]
         ).view_as(p)
         torch.testing.assert_close(analytic[name], numeric, rtol=1e-6, atol=1e-9)
-
-
-# --- README examples -------------------------------------------------------------------------
-
-
-def readme_section_code(section: str) -> list[str]:
-    text = README.read_text()
-    match = re.search(
-        rf"<!-- section: {section} -->(.*?)<!-- end section: {section} -->", text, re.S
-    )
-    assert match, f"README has no section {section!r}"
-    return re.findall(r"```python\n(.*?)```", match.group(1), re.S)
-
-
-def sine_tasks(n: int) -> list[tuple[torch.Tensor, ...]]:
-    g = torch.Generator().manual_seed(6)
-    tasks = []
-    for _ in range(n):
-        amplitude, phase = 0.1 + 4.9 * torch.rand(1, generator=g), 3.14 * torch.rand(1, generator=g)
-        xs = torch.rand(2, 10, 1, generator=g) * 10 - 5
-        ys = amplitude * torch.sin(xs + phase)
-        tasks.append((xs[0], ys[0], xs[1], ys[1]))
-    return tasks
-
-
-def test_readme_optim_examples_run() -> None:
-    blocks = readme_section_code("optim")
-    runnable = [b for b in blocks if "import metagrad" in b]
-    assert len(runnable) >= 2, "the README's optim section shows the two worked examples"
-
-    # the one-step SGD example prints the two hypergradients
-    second_order = next(b for b in runnable if "lr.grad" in b)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(second_order, "README.md:sgd-example", "exec"), {})
-    assert out.getvalue().strip() == "tensor(-8.) tensor(1.6000)"
-
-    # the MAML example, with a tiny generated list of sine-regression tasks
-    maml = next(b for b in runnable if "tasks" in b)
-    namespace: dict = {"tasks": sine_tasks(2)}
-    torch.manual_seed(0)
-    exec(compile(maml, "README.md:maml-example", "exec"), namespace)
-    model = namespace["model"]
-    for p in model.parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all()
-    assert any(p.grad.abs().sum() > 0 for p in model.parameters())

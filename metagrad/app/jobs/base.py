@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,7 +76,7 @@ class Job(Protocol):
         ...
 
 
-def grad_norm(params: list[Tensor]) -> float:
+def grad_norm(params: Sequence[Tensor]) -> float:
     """The norm of the gradients in `.grad` (inf or nan if any is)."""
     grads = [p.grad for p in params if p.grad is not None]
     return math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads))

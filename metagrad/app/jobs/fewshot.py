@@ -130,7 +130,9 @@ def build(cfg: DictConfig, rt: Runtime) -> FewShotJob:
         inner.pop("lr", None)  # the learner passes its own inner_lr (or learned rates)
         make_inner = make("inner_optim", inner)
         if not (
-            isinstance(make_inner, functools.partial) and issubclass(make_inner.func, Optimizer)
+            isinstance(make_inner, functools.partial)
+            and isinstance(make_inner.func, type)
+            and issubclass(make_inner.func, Optimizer)
         ):
             raise ConfigError(
                 "inner_optim: the learner's inner loop needs a metagrad.optim optimizer"

@@ -69,7 +69,7 @@ class HPOJob(MetaJob):
         make_optimizer: Callable[..., Optimizer],
         meta: MetaParameters,
         per_step: set[str],
-        method: Callable[[InnerProblem, MetaParameters], Any],
+        method: Callable[[InnerProblem, MetaParameters], Any] | None,
         outer_optimizer: torch.optim.Optimizer,
         horizon: int,
         rt: Runtime,
@@ -109,7 +109,10 @@ class HPOJob(MetaJob):
             value = meta.value(name, step=step)
             if name in self.pairs:
                 field, i = self.pairs[name]
-                pair = list(values.get(field, self.make_optimizer.keywords.get(field)))  # type: ignore[attr-defined]
+                configured = self.make_optimizer.keywords.get(field)  # type: ignore[attr-defined]
+                if configured is None:
+                    configured = self.make_optimizer.func.defaults()[field]  # type: ignore[attr-defined]
+                pair = list(values.get(field, configured))
                 pair[i] = value
                 values[field] = tuple(pair)
             else:
@@ -163,6 +166,7 @@ class HPOJob(MetaJob):
         metrics: dict[str, float] = {}
         losses = []
         failed: NonFiniteLossError | None = None
+        assert self.method is not None
         for k in members:
             try:
                 result = self.method(self.problem(index, salt=_member_salt(k)), self.meta)
@@ -266,7 +270,8 @@ def build_parts(cfg: DictConfig, rt: Runtime, loop: str = "hpo") -> dict[str, An
     meta.to(rt.device)
     outer = make("outer_optim", cfg.outer_optim)
     with at("outer_optim"):
-        outer = outer(list(meta.parameters()) or [torch.zeros(1, requires_grad=True)])
+        learned: list[Tensor] = list(meta.parameters())
+        outer = outer(learned or [torch.zeros(1, requires_grad=True)])
     return dict(
         task=task,
         make_model=make_model,
