@@ -23,12 +23,14 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._checks import detach_tree
+from .._checks import check_count, check_number, detach_tree
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
 from .base import InnerRun, NonFiniteLossError, inner_steps, outer_loss
+from .session import TruncatedEstimator
 
 __all__ = [
+    "ParticleEstimator",
     "Particles",
     "antithetic_values",
     "check_vectorize",
@@ -45,6 +47,29 @@ def check_vectorize(value: Any) -> Any:
     if not (value is True or value is False or value == "auto"):
         raise ValueError(f"Invalid vectorize: {value!r} (expected True, False or 'auto')")
     return value
+
+
+@dataclass(frozen=True)
+class ParticleEstimator(TruncatedEstimator):
+    """The options shared by the particle estimators (`TruncatedES`, `PES`).
+
+    Args:
+        particles: N, the number of antithetic pairs (>= 1).
+        sigma: the standard deviation of the perturbations of the stored values (> 0): for a
+            log-stored learning rate, 0.1 perturbs it by about 10%.
+        vectorize: True (`torch.func.vmap` over the particles), False (a Python loop) or
+            "auto" (vmap, falling back to the loop with one logged warning where the problem
+            cannot be vmapped).
+    """
+
+    particles: int = 8
+    sigma: float = 0.1
+    vectorize: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        check_count(self.particles, "particles")
+        check_number(self.sigma, "sigma", low=0.0, low_open=True)
+        check_vectorize(self.vectorize)
 
 
 @dataclass

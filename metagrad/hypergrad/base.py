@@ -35,6 +35,7 @@ __all__ = [
     "detach_tree",
     "inner_steps",
     "meta_gradients",
+    "package",
     "start",
     "zero_unused",
 ]
@@ -115,23 +116,42 @@ class Estimator:
 
     def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
         started = time.perf_counter()
-        found, outer_loss, run, metrics = self.estimate(problem, meta)
-        grads = zero_unused(found, dict(meta.named_parameters()))
-        norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
-        base = {
-            "outer/loss": float(outer_loss.detach()),
-            "hypergrad/norm": norm,
-            "hypergrad/seconds": time.perf_counter() - started,
-        }
-        if run.last_loss is not None:
-            base["inner/loss"] = float(run.last_loss.detach())
-        base.update(metrics)
-        return HypergradResult(
-            grads={n: g.detach() for n, g in grads.items()},
-            outer_loss=outer_loss.detach(),
-            params={n: p.detach() for n, p in run.params.items()},
-            metrics=base,
-        )
+        return package(self.estimate(problem, meta), meta, started)
+
+
+def package(
+    estimate: Estimate,
+    meta: MetaParameters,
+    started: float,
+    extra: Mapping[str, float] | None = None,
+    result_type: type[HypergradResult] = HypergradResult,
+    **fields: Any,
+) -> Any:
+    """An estimate as a `result_type` (detached), with the standard metrics.
+
+    Missing gradients become zeros (with one warning naming them); the metrics are
+    `outer/loss`, `hypergrad/norm`, `hypergrad/seconds`, `inner/loss`, then `extra`, then the
+    estimator's own. `fields` are further fields of `result_type`.
+    """
+    found, loss, run, metrics = estimate
+    grads = zero_unused(found, dict(meta.named_parameters()))
+    norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
+    base = {
+        "outer/loss": float(loss.detach()),
+        "hypergrad/norm": norm,
+        "hypergrad/seconds": time.perf_counter() - started,
+    }
+    if run.last_loss is not None:
+        base["inner/loss"] = float(run.last_loss.detach())
+    base.update(extra or {})
+    base.update(metrics)
+    return result_type(
+        grads={n: g.detach() for n, g in grads.items()},
+        outer_loss=loss.detach(),
+        params={n: p.detach() for n, p in run.params.items()},
+        metrics=base,
+        **fields,
+    )
 
 
 def _check_finite(loss: Tensor, step: int, steps: int) -> None:
@@ -271,6 +291,6 @@ def zero_unused(
             f"meta-parameters {unused} do not affect the outer loss through the steps this "
             "method differentiates (a learned init under Truncated or Implicit, for instance); "
             "their gradient is zero",
-            stacklevel=3,
+            stacklevel=4,
         )
     return {n: torch.zeros_like(named[n]) if g is None else g for n, g in grads.items()}

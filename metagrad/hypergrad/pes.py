@@ -7,25 +7,24 @@ from typing import Any
 
 from torch import Tensor
 
-from .._checks import check_count, check_number
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
 from ._particles import (
+    ParticleEstimator,
     antithetic_values,
-    check_vectorize,
     index_particles,
     pair_estimate,
     run_particles,
     sample_noise,
 )
 from .base import Estimate, InnerRun
-from .session import TruncatedEstimator, Truncation
+from .session import Truncation
 
 __all__ = ["PES"]
 
 
 @dataclass(frozen=True)
-class PES(TruncatedEstimator):
+class PES(ParticleEstimator):
     """Persistent evolution strategies: antithetic ES whose noise persists across truncations.
 
     Vicol, Metz & Sohl-Dickstein (2021), "Unbiased gradient estimation in unrolled computation
@@ -58,23 +57,8 @@ class PES(TruncatedEstimator):
     Memory: 2N + 1 inner states (params and optimizer state) plus N accumulated noises of
     the meta-parameters, flat in K and T.
 
-    Args:
-        particles: N, the number of antithetic pairs (>= 1).
-        sigma: the standard deviation of the perturbations of the stored values (> 0): for a
-            log-stored learning rate, 0.1 perturbs it by about 10%.
-        vectorize: True (`torch.func.vmap` over the particles), False (a Python loop) or
-            "auto" (vmap, falling back to the loop with one logged warning where the problem
-            cannot be vmapped).
+    Args: those of `ParticleEstimator` (`particles`, `sigma`, `vectorize`).
     """
-
-    particles: int = 8
-    sigma: float = 0.1
-    vectorize: bool | str = "auto"
-
-    def __post_init__(self) -> None:
-        check_count(self.particles, "particles")
-        check_number(self.sigma, "sigma", low=0.0, low_open=True)
-        check_vectorize(self.vectorize)
 
     def truncation(
         self, problem: InnerProblem, meta: MetaParameters, carry: Any, span: Truncation

@@ -19,7 +19,6 @@ they are frozen dataclasses of options, and everything that changes lives in the
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from torch import Tensor
 from .._checks import ArgumentError, check_choice, check_count
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
-from .base import Estimate, HypergradResult, zero_unused
+from .base import Estimate, HypergradResult, package
 
 __all__ = ["TruncatedEstimator", "TruncatedResult", "TruncatedSession", "Truncation"]
 
@@ -321,25 +320,11 @@ def _package(
     extra: dict[str, float],
 ) -> TruncatedResult:
     """The result of one truncation, with the standard metrics (as `Estimator` gives them)."""
-    grads, loss, run, metrics = estimate
-    grads = zero_unused(grads, dict(meta.named_parameters()))
-    norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
-    base = {
-        "outer/loss": float(loss.detach()),
-        "hypergrad/norm": norm,
-        "hypergrad/seconds": time.perf_counter() - started,
-    }
-    if run.last_loss is not None:
-        base["inner/loss"] = float(run.last_loss.detach())
-    base.update(extra)
-    base.update(metrics)
-    return TruncatedResult(
-        grads={n: g.detach() for n, g in grads.items()},
-        outer_loss=loss.detach(),
-        params={n: p.detach() for n, p in run.params.items()},
-        metrics=base,
-        samples=None if samples is None else {n: s.detach() for n, s in samples.items()},
+    detached = None if samples is None else {n: s.detach() for n, s in samples.items()}
+    result: TruncatedResult = package(
+        estimate, meta, started, extra, result_type=TruncatedResult, samples=detached
     )
+    return result
 
 
 # ---------------------------------------------------------------------- carry (de)serialization

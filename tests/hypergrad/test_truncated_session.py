@@ -3,9 +3,7 @@ checkpoints that continue with identical numbers, and bad options."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import re
 import warnings
 from pathlib import Path
 
@@ -201,29 +199,3 @@ def test_bad_session_arguments_are_refused_by_name():
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def _section(text: str, name: str) -> list[str]:
-    begin, end = f"<!-- section: {name} -->", f"<!-- end section: {name} -->"
-    return re.findall(r"```python\n(.*?)```", text[text.index(begin) : text.index(end)], re.S)
-
-
-def test_readme_online_example_runs():
-    """The README's example, on the digits setup of the hypergrad section, shortened."""
-    text = README.read_text()
-    setup = _section(text, "hypergrad")[0]
-    (online,) = _section(text, "online")
-    for full, short in (("range(30)", "range(1)"), ("T = 100", "T = 5")):
-        setup = setup.replace(full, short)
-    replace = (("T = 2000", "T = 30"), ("range(1000)", "range(4)"), ("particles=8", "particles=2"))
-    for full, short in replace:
-        assert full in online
-        online = online.replace(full, short)
-    namespace: dict = {}
-    with contextlib.redirect_stdout(io.StringIO()):
-        exec(compile(setup, "README.md:hypergrad-unrolled", "exec"), namespace)
-    exec(compile(online, "README.md:online-pes", "exec"), namespace)
-    session, result = namespace["session"], namespace["result"]
-    assert session.run == 1 and session.position == 10 and result.is_finite()
-    assert result.samples["lr"].shape == (2,)
-    assert namespace["meta"].value("lr").item() != pytest.approx(0.1)
