@@ -128,6 +128,28 @@ class Runtime:
         """Every batch moved with `to`."""
         return [self.to(b) for b in batches]
 
+    def scores(
+        self, task: Any, predict: Callable[[Tensor], Tensor], splits: Sequence[str]
+    ) -> dict[str, float]:
+        """Loss (and metric) of `predict` on each of the task's `splits`, as `<split>/loss`.
+
+        The training split is reported as `val/train_loss` and without the metric.
+        """
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for name in splits:
+                split = task.split(name)
+                if split is None:
+                    continue
+                x, y = self.to(split)
+                prediction = predict(x)
+                key = "val/train_loss" if name == "train" else f"{name}/loss"
+                out[key] = float(self.loss(prediction, y))
+                if self.metric is not None and name != "train":
+                    label, fn = self.metric
+                    out[f"{name}/{label}"] = float(fn(prediction, y))
+        return out
+
 
 def make(path: str, node: Any, **supplied: Any) -> Any:
     """`hydra.utils.instantiate(node, **supplied)`, with errors naming config key `path`."""

@@ -175,9 +175,10 @@ def test_truncated_with_k_equal_to_T_is_unrolled(optimizer, scope):
         assert torch.equal(result.grads[name], g), name
 
 
-@pytest.mark.parametrize(
-    "method", [pytest.param(Truncated(2), id="truncated-2"), pytest.param(FirstOrder(), id="fo")]
-)
+BIASED = [pytest.param(Truncated(2), id="truncated-2"), pytest.param(FirstOrder(), id="fo")]
+
+
+@pytest.mark.parametrize("method", BIASED)
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_biased_methods_are_finite_and_differ(optimizer, scope, method):

@@ -60,7 +60,13 @@ CASES = [
 ]
 
 FORMS = ["float", "tensor", "per_layer", "per_element"]
-FLAGS = {"nesterov", "amsgrad", "centered"}
+# Boolean switches, as the optimizers declare them (passed as given, never in tensor forms).
+FLAGS = {
+    flag
+    for name in mo.__all__
+    if isinstance(getattr(mo, name), type) and issubclass(getattr(mo, name), mo.Optimizer)
+    for flag in getattr(mo, name).flag_names()
+}
 
 
 def make_problem() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:

@@ -216,17 +216,7 @@ class HPOJob(MetaJob):
         last = run.last_loss
         out["val/train_loss"] = float("nan") if last is None else float(last.detach())
         names = ("val", "test") if final else ("val",)
-        with torch.no_grad():
-            for name in names:
-                split = self.task.split(name)
-                if split is None:
-                    continue
-                x, y = self.rt.to(split)
-                prediction = self.fmodel(params, x)
-                out[f"{name}/loss"] = float(self.rt.loss(prediction, y))
-                if self.rt.metric is not None:
-                    label, fn = self.rt.metric
-                    out[f"{name}/{label}"] = float(fn(prediction, y))
+        out.update(self.rt.scores(self.task, lambda x: self.fmodel(params, x), names))
         return out
 
     @property

@@ -53,20 +53,7 @@ class OnlineJob:
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
         names = ("train", "val", "test") if final else ("train", "val")
-        out = {}
-        with torch.no_grad():
-            for name in names:
-                split = self.task.split(name)
-                if split is None:
-                    continue
-                x, y = self.rt.to(split)
-                prediction = self.model(x)
-                key = "val/train_loss" if name == "train" else f"{name}/loss"
-                out[key] = float(self.rt.loss(prediction, y))
-                if self.rt.metric is not None and name != "train":
-                    label, fn = self.rt.metric
-                    out[f"{name}/{label}"] = float(fn(prediction, y))
-        return out
+        return self.rt.scores(self.task, self.model, names)
 
     def meta_scalars(self) -> dict[str, float]:
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
