@@ -448,7 +448,8 @@ def shard(n: int, rank: int | None = None, world: int | None = None) -> range:
 
     Args:
         n: the number of items.
-        rank, world: default: this process's.
+        rank: the rank whose share is wanted; default: this process's.
+        world: the number of ranks; default: this process's world size.
 
     Returns:
         A `range`; `len()` of it is the count to give `all_reduce_grads`.
@@ -467,7 +468,8 @@ def shard_batch(batch: Any, rank: int | None = None, world: int | None = None) -
     Args:
         batch: a tensor, or a tuple (e.g. a `TaskBatch`), list or dict of tensors with the
             same size along dimension 0.
-        rank, world: default: this process's.
+        rank: the rank whose share is wanted; default: this process's.
+        world: the number of ranks; default: this process's world size.
 
     Returns:
         The same kind of object holding views of the rank's rows.
@@ -547,7 +549,10 @@ def all_reduce_grads(
             or an `nn.Module` / iterable of parameters whose `.grad` is averaged in place (a
             `.grad` of None counts as zero, and stays None only if it is None on every rank).
             Every rank must pass the same names, shapes and dtypes.
-        mean_of, sum_of: exactly one: the number (or total weight) of local items.
+        mean_of: the number (or total weight) of local items when the local gradients are
+            their mean; give exactly one of `mean_of` and `sum_of`.
+        sum_of: the number (or total weight) of local items when the local gradients are
+            their sum.
         loss: with parameters only: a local loss reduced the same way in the same call.
 
     Returns:

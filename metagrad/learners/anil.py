@@ -18,13 +18,12 @@ class ANIL(MetaLearner):
     The body's parameters stay at their meta-learned values inside every task and are learned
     by the outer loop only; the head's initialization is meta-learned as in MAML. Inner steps
     are cheaper (gradients only for the head), and the meta-gradient is exact (second order)
-    unless `first_order=True`.
+    unless `first_order=True`. Other arguments are those of `MetaLearner`.
 
     Args:
         model: the whole network.
         head: the name of the submodule that is adapted (as in `model.named_modules()`, e.g.
             "fc" or "4"); default: the last direct child with trainable parameters.
-        Other arguments: those of `MetaLearner`.
 
     Raises:
         ValueError: the head is not a submodule of the model or has no trainable parameters.

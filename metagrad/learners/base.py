@@ -283,8 +283,10 @@ class MetaLearner(nn.Module):
         """Adapt to every task of the meta-batch and return the query loss after adaptation.
 
         Args:
-            support_x, support_y: support sets, [tasks, shots, ...].
-            query_x, query_y: query sets, [tasks, query_shots, ...].
+            support_x: support inputs, [tasks, shots, ...].
+            support_y: support targets, [tasks, shots, ...].
+            query_x: query inputs, [tasks, query_shots, ...].
+            query_y: query targets, [tasks, query_shots, ...].
             steps: inner steps (default: `inner_steps`), e.g. more steps at evaluation time.
                 Given explicitly, the loss is the query loss after the last step (no
                 training-only objective such as MAML++'s multi-step loss).
@@ -326,7 +328,10 @@ class MetaLearner(nn.Module):
         order; the adapted values are the same as in training).
 
         Args:
-            support_x, support_y, query_x, query_y: a meta-batch, as for `forward`.
+            support_x: support inputs of a meta-batch, as for `forward`.
+            support_y: support targets.
+            query_x: query inputs.
+            query_y: query targets.
             steps: inner steps (default `inner_steps`); 0 evaluates the initialization itself.
             metric: `metric(prediction, target) -> scalar`, e.g. accuracy; None for none.
 
@@ -378,7 +383,8 @@ class MetaLearner(nn.Module):
         """Adapt to one new task (no task dimension) and return all the model's parameters.
 
         Args:
-            x, y: the task's support set, [shots, ...].
+            x: the task's support inputs, [shots, ...].
+            y: the task's support targets, [shots, ...].
             steps: inner steps; any number, default `inner_steps`.
 
         Returns:

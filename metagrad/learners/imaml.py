@@ -38,7 +38,12 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
     few solver iterations bias the estimate. The returned value is the mean query loss; its
     gradient is the implicit meta-gradient.
 
+    Other arguments are those of `MetaLearner` (`first_order` does not apply).
+
     Args:
+        model: the network; its trainable parameters are the meta-learned initialization.
+        inner_steps: inner steps per task (default 10): the inner loop should come close to
+            the optimum of the proximal loss, where the implicit gradient is exact.
         lam: proximal strength :math:`\lambda` (> 0); larger keeps :math:`\phi` closer to
             :math:`\theta`.
         solver: "cg" (default; needs :math:`I + H/\lambda` positive definite, i.e. a local
@@ -46,7 +51,6 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
         solver_iters: iterations of the solver (fixed, so it runs under vmap).
         damping: Tikhonov damping added to :math:`I + H/\lambda`.
         step_size: step of the Neumann and fixed-point solvers.
-        Other arguments: those of `MetaLearner` (`first_order` does not apply).
     """
 
     fixed_arguments: ClassVar[dict[str, Any]] = {"first_order": False}

@@ -29,12 +29,15 @@ class MAMLPlusPlus(MetaLearner):
     moves the weights from uniform to the last step, as the paper does over training. The
     derivative-order annealing of the paper is `first_order=True` early in training, then
     `learner.first_order = False`. Per-step BatchNorm statistics are not implemented: each
-    task normalizes with the statistics of its own batch.
+    task normalizes with the statistics of its own batch. Other arguments are those of
+    `MetaLearner`.
 
     Args:
+        model: the network; its trainable parameters are the meta-learned initialization.
+        inner_steps: inner steps per task during meta-training (default 5); also the number
+            of learned learning rates per parameter tensor.
         step_weights: weights of the multi-step loss, one per inner step, or None for the
             query loss after the last step only.
-        Other arguments: those of `MetaLearner`; `inner_steps` defaults to 5.
     """
 
     def __init__(
