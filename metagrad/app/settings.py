@@ -76,7 +76,7 @@ class TrainSettings:
     meta_batch: int = 25  # tasks per outer step
     eval_tasks: int = 600  # test tasks of the final evaluation (validation uses a sixth)
     eval_inner_steps: list[int] | None = None  # None: [0, learner.inner_steps]
-    learned_lr_outer_lr: float | None = None  # outer lr of learned inner lrs; None: same
+    learned_lr_outer_lr: float | None = 0.01  # outer lr of learned (log) inner lrs; None: same
 
 
 def learn_entry(name: str, entry: Any) -> LearnEntry:
