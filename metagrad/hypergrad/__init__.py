@@ -9,6 +9,8 @@ from .checkpointed import Checkpointed
 from .first_order import FirstOrder
 from .forward_mode import ForwardMode
 from .implicit import Implicit
+from .mixed_mode import MixedMode
+from .reversible import Reversible
 from .solvers import solve_linear
 from .truncated import Truncated
 from .unrolled import Unrolled
@@ -22,7 +24,9 @@ __all__ = [
     "HypergradMethod",
     "HypergradResult",
     "Implicit",
+    "MixedMode",
     "NonFiniteLossError",
+    "Reversible",
     "Unrolled",
     "solve_linear",
 ]

@@ -1,0 +1,612 @@
+"""Exact hypergradients of SGD with momentum by reversing the training run (reversible learning)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import Params, check_count, detach_tree
+from ..functional import inner_grads
+from ..meta_params import MetaParameters
+from ..optim import SGD
+from ..optim._hyper import is_zero, resolve
+from ..optim._ops import coupled_decay
+from ..optim.sgd import SGDState
+from ..problem import InnerProblem
+from ._sweep import ValueGrads, add_into, hessian_vector
+from .base import Estimate, Estimator, InnerRun, _check_finite, outer_loss, start
+
+__all__ = ["FixedPointSGD", "InfoBuffer", "Reversible"]
+
+_SPILL_BITS = 32
+
+
+class InfoBuffer:
+    """Exact storage for the bits lost when integers are multiplied by a ratio `n / 2^k`.
+
+    Algorithm 3 of Maclaurin et al. 2015: to multiply an integer `c` by `n / d` (`d = 2^k`), the
+    remainder `c mod d` is appended to the buffer `i` (`i <- i d + c mod d`), `c` is divided by
+    `d` and multiplied by `n`, and `i mod n` is moved from the buffer into `c` (`c <- c + i mod
+    n`, `i <- i div n`). The buffer grows by `log2(d / n)` bits per multiplication on average,
+    and `divide` undoes `multiply` exactly.
+
+    The buffer is one int64 per element, in segments (one per parameter tensor). When the
+    largest element of a segment could overflow at the next multiplication, the segment's low
+    32 bits move to a stack (a "spill", recorded with the step), from which `divide` takes them
+    back at the same step.
+
+    Args:
+        segments: `(offset, size)` of each segment of the flat vector of integers.
+        k: `d = 2^k`, the ratio's denominator.
+    """
+
+    def __init__(
+        self, segments: list[tuple[int, int]], k: int, device: torch.device | None = None
+    ) -> None:
+        self.k = k
+        self.segments = segments
+        numel = sum(size for _, size in segments)
+        self.value = torch.zeros(numel, dtype=torch.int64, device=device)
+        self.spills: list[tuple[int, int, Tensor]] = []
+        self.limit = 1 << (62 - k)  # value * 2^k + (2^k - 1) stays below 2^63
+
+    def spill(self, step: int) -> None:
+        """Move the low 32 bits of every segment that reached the limit onto the stack."""
+        pieces = []
+        for j, (offset, size) in enumerate(self.segments):
+            piece = self.value[offset : offset + size]
+            if size and int(piece.max()) >= self.limit:
+                low = piece & ((1 << _SPILL_BITS) - 1)
+                # int32 holding the same 32-bit pattern (two's complement)
+                self.spills.append((step, j, (low - ((low >> 31) << 32)).to(torch.int32)))
+                piece = piece >> _SPILL_BITS
+            pieces.append(piece)
+        self.value = torch.cat(pieces)
+
+    def multiply(self, c: Tensor, n: int | Tensor) -> Tensor:
+        """`c * n / 2^k`, rounded so that `divide` can undo it exactly; updates the buffer.
+
+        The caller spills first (`spill`) when `value.max() >= limit`.
+        """
+        buffer = (self.value << self.k) | (c & ((1 << self.k) - 1))  # i d + c mod d
+        self.value = torch.div(buffer, n, rounding_mode="floor")  # i div n
+        return (c >> self.k) * n + (buffer - self.value * n)  # (c div d) n + i mod n
+
+    def divide(self, c: Tensor, n: int | Tensor, step: int) -> Tensor:
+        """The inverse of `multiply(c, n)` at step `step` (restoring that step's spills)."""
+        quotient = torch.div(c, n, rounding_mode="floor")
+        buffer = self.value * n + (c - quotient * n)  # i n + c mod n
+        c = quotient * (1 << self.k) + (buffer & ((1 << self.k) - 1))
+        self.value = buffer >> self.k
+        if self.spills and self.spills[-1][0] == step:
+            pieces = [self.value[o : o + size] for o, size in self.segments]
+            while self.spills and self.spills[-1][0] == step:
+                _, j, spilled = self.spills.pop()
+                pieces[j] = (pieces[j] << _SPILL_BITS) | (spilled.to(torch.int64) & 0xFFFFFFFF)
+            self.value = torch.cat(pieces)
+        return c
+
+    def nbytes(self) -> int:
+        """Bytes held: the int64 buffer and the spilled words."""
+        return self.value.numel() * 8 + sum(s.numel() * 4 for *_, s in self.spills)
+
+    def bits(self) -> float:
+        """Information held, in bits: 32 per spilled word plus the bit length of each element."""
+        spilled = _SPILL_BITS * sum(s.numel() for *_, s in self.spills)
+        return spilled + float(torch.log2(self.value.double() + 1).sum())
+
+    def is_empty(self) -> bool:
+        """Whether every multiplication has been undone (a zero buffer, nothing spilled)."""
+        return not self.spills and not bool(self.value.any())
+
+
+def _number(x: float | Tensor) -> float | Tensor:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+@dataclass
+class _Group:
+    """A hyperparameter value and the segments (parameters) that use it."""
+
+    value: Tensor
+    segments: list[int]
+
+
+@dataclass
+class StepHypers:
+    """One step's hyperparameters laid out over the flat vector of params.
+
+    Numbers stay numbers (broadcast); tensors become flat per-element vectors.
+
+    Attributes:
+        lr64: the learning rate in float64, for the rounded update `round(lr B)`.
+        lr: the learning rate in the params' dtype (for adjoints).
+        ratio: `n = round(momentum 2^k)`, an int or an int64 vector.
+        momentum: `n / 2^k`, the momentum the integer arithmetic applies.
+        weight_decay: the weight decay (0 when absent).
+        groups: for each of "lr", "momentum", "weight_decay", the values that require grad and
+            the parameters using each.
+        lost_bits: `sum log2(2^k / n)` over the elements: bits one step adds to the buffer.
+    """
+
+    lr64: float | Tensor
+    lr: float | Tensor
+    ratio: int | Tensor
+    momentum: float | Tensor
+    weight_decay: float | Tensor
+    groups: dict[str, list[_Group]]
+    lost_bits: float
+
+
+class FixedPointSGD:
+    """SGD with momentum on integers, exactly reversible (Maclaurin et al. 2015, Algorithm 2).
+
+    Weights `W` and velocities `B` are int64 at radix `2^-radix_bits` (the real value of `W` is
+    `W 2^-r`), kept as one flat vector over all parameters. One step with the inner gradient
+    `g` at the weights `w = W 2^-r`, learning rate `lr`, momentum `mu` and weight decay `wd`
+    (the update of `metagrad.optim.SGD`):
+
+        G = round((g + wd w) 2^r)
+        B <- mu (x) B + G            (exact multiplication by n / 2^k, n = round(mu 2^k))
+        W <- W - round(lr B)
+
+    Only the momentum multiplication loses information, about `log2(1 / mu)` bits per element
+    and step, which `InfoBuffer` keeps. `reverse_weights` and `reverse_velocity` undo a step
+    given the same gradient, so a run can be walked backwards exactly, bit for bit. The
+    velocity starts at 0, which reproduces SGD's first step `b_1 = g`.
+
+    Args:
+        params: the initial (floating-point) params; they are rounded to the radix.
+        radix_bits: `r`; weights, velocities and gradients must stay below `2^(61 - r)` in
+            magnitude.
+        momentum_bits: `k`; the momentum is rounded to a multiple of `2^-k`.
+
+    Raises:
+        ValueError: a value does not fit the radix; a momentum rounds to 0.
+    """
+
+    def __init__(self, params: Params, radix_bits: int = 48, momentum_bits: int = 16) -> None:
+        if not params:
+            raise ValueError("FixedPointSGD needs at least one parameter")
+        self.radix_bits = radix_bits
+        self.momentum_bits = momentum_bits
+        self.names = list(params)
+        self.shapes = [params[n].shape for n in self.names]
+        self.sizes = [params[n].numel() for n in self.names]
+        self.dtypes = [params[n].dtype for n in self.names]
+        self.dtype = self.dtypes[0]
+        self._like = [torch.empty(shape, device="meta") for shape in self.shapes]
+        offsets = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
+        self.segments = list(zip(offsets, self.sizes, strict=True))
+        self.weights = self.to_fixed(self.flat({n: p.detach() for n, p in params.items()}))
+        self.velocity = torch.zeros_like(self.weights)
+        self.buffer = InfoBuffer(self.segments, momentum_bits, self.weights.device)
+        self.lost_bits = 0.0  # sum over steps and elements of log2(2^k / n)
+        self._cache: tuple[tuple, list, StepHypers] | None = None
+
+    # ------------------------------------------------------------------ layout and conversions
+    def flat(self, tensors: dict[str, Tensor]) -> Tensor:
+        """One flat vector (in the params' dtype) from tensors keyed like the params."""
+        if len(self.names) == 1:
+            return tensors[self.names[0]].reshape(-1).to(self.dtype)
+        return torch.cat([tensors[n].reshape(-1).to(self.dtype) for n in self.names])
+
+    def unflat(self, x: Tensor) -> dict[str, Tensor]:
+        """Tensors keyed and shaped like the params (views of `x`, each in its own dtype)."""
+        pieces = x.split(self.sizes) if len(self.names) > 1 else (x,)
+        return {
+            n: piece.view(shape).to(dtype)
+            for n, piece, shape, dtype in zip(
+                self.names, pieces, self.shapes, self.dtypes, strict=True
+            )
+        }
+
+    def to_fixed(self, x: Tensor) -> Tensor:
+        """`round(x 2^r)` as int64; refuses values too large for the radix."""
+        scaled = x.detach() * (2.0**self.radix_bits)
+        top = float(scaled.abs().max()) if scaled.numel() else 0.0
+        if not top < 2.0**61:
+            raise ValueError(
+                f"Reversible: a value of magnitude {top * 2.0**-self.radix_bits:g} does not fit "
+                f"the fixed-point radix 2^-{self.radix_bits} (largest 2^"
+                f"{61 - self.radix_bits}); lower radix_bits or the learning rate"
+            )
+        return torch.round(scaled).to(torch.int64)
+
+    def to_float(self, x: Tensor) -> Tensor:
+        """`x 2^-r` in the params' dtype."""
+        return x.to(self.dtype) * (2.0**-self.radix_bits)
+
+    def params(self) -> Params:
+        """The current weights as floats, keyed like the params."""
+        return self.unflat(self.to_float(self.weights))
+
+    def velocities(self) -> Params:
+        """The current velocities (momentum buffers) as floats, keyed like the params."""
+        return self.unflat(self.to_float(self.velocity))
+
+    # ------------------------------------------------------------------ hyperparameters
+    def hypers(self, optimizer: SGD) -> StepHypers:
+        """The step's learning rate, momentum and weight decay laid out over the flat params.
+
+        Values are looked up per parameter (any hyperparameter form); the layout is reused
+        while the same values (numbers, or the same tensors) come back.
+        """
+        fields = ("lr", "momentum", "weight_decay")
+        resolved = {
+            f: [
+                resolve(getattr(optimizer, f), f, n, like)
+                for n, like in zip(self.names, self._like, strict=True)
+            ]
+            for f in fields
+        }
+        key = tuple(
+            id(v) if isinstance(v, Tensor) else ("n", v) for f in fields for v in resolved[f]
+        )
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[2]
+        hypers = self._layout(resolved)
+        self._cache = (key, [v for f in fields for v in resolved[f]], hypers)
+        return hypers
+
+    def _layout(self, resolved: dict[str, list[float | Tensor]]) -> StepHypers:
+        groups: dict[str, list[_Group]] = {}
+        for f, values in resolved.items():
+            by_id: dict[int, _Group] = {}
+            for j, v in enumerate(values):
+                if isinstance(v, Tensor) and v.requires_grad:
+                    by_id.setdefault(id(v), _Group(v, [])).segments.append(j)
+            groups[f] = list(by_id.values())
+        lr64 = self._spread(resolved["lr"], torch.float64)
+        scale = 2**self.momentum_bits
+        ratios: list[int | Tensor] = []
+        for name, mu in zip(self.names, resolved["momentum"], strict=True):
+            if isinstance(mu, Tensor):
+                n = torch.round(mu.detach().double() * scale).to(torch.int64)
+                bad = not bool((n >= 1).all())
+            else:
+                n = round(mu * scale)
+                bad = n < 1
+            if bad:
+                raise ValueError(
+                    f"Reversible: the momentum for parameter '{name}' rounds to 0 at "
+                    f"momentum_bits={self.momentum_bits}; SGD without momentum cannot be "
+                    "reversed (raise the momentum or momentum_bits)"
+                )
+            ratios.append(n)
+        ratio = self._spread(ratios, torch.int64)
+        if isinstance(ratio, Tensor):
+            momentum: float | Tensor = ratio.to(self.dtype) / scale
+            lost = float((self.momentum_bits - torch.log2(ratio.double())).sum())
+        else:
+            momentum = ratio / scale
+            lost = sum(self.sizes) * (self.momentum_bits - math.log2(ratio))
+        lr = lr64.to(self.dtype) if isinstance(lr64, Tensor) else lr64
+        return StepHypers(
+            lr64=lr64,
+            lr=lr,
+            ratio=ratio,
+            momentum=momentum,
+            weight_decay=self._spread(resolved["weight_decay"], self.dtype),
+            groups=groups,
+            lost_bits=lost,
+        )
+
+    def _spread(self, values: list[Any], dtype: torch.dtype) -> Any:
+        """One number if all values are the same number, else a flat per-element vector."""
+        first = values[0]
+        if not isinstance(first, Tensor) and all(
+            not isinstance(v, Tensor) and v == first for v in values
+        ):
+            return first
+        device = self.weights.device
+        pieces = [
+            torch.as_tensor(_number(v), dtype=dtype, device=device).expand(shape).reshape(-1)
+            for v, shape in zip(values, self.shapes, strict=True)
+        ]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    # ------------------------------------------------------------------ the step and its inverse
+    def step(self, hypers: StepHypers, params: Tensor, grads: Tensor, step: int) -> None:
+        """One SGD step at the flat float params `params` with flat inner gradients `grads`."""
+        decayed = _decayed(grads, params, hypers.weight_decay)
+        tops = torch.stack(
+            [
+                decayed.abs().max().double() * 2.0**self.radix_bits,
+                self.buffer.value.max().double(),
+                self.velocity.abs().max().double(),
+                self.weights.abs().max().double(),
+            ]
+        ).tolist()
+        if not max(tops[0], tops[2], tops[3]) < 2.0**61:
+            raise ValueError(
+                f"Reversible: weights, velocities or gradients left the fixed-point range at "
+                f"inner step {step} (magnitude 2^{61 - self.radix_bits} at radix "
+                f"2^-{self.radix_bits}); lower radix_bits or the learning rate"
+            )
+        if tops[1] >= self.buffer.limit:
+            self.buffer.spill(step)
+        fixed = torch.round(decayed * 2.0**self.radix_bits).to(torch.int64)
+        self.velocity = self.buffer.multiply(self.velocity, hypers.ratio) + fixed
+        self.weights = self.weights - self._update(hypers)
+        self.lost_bits += hypers.lost_bits
+
+    def reverse_weights(self, hypers: StepHypers) -> None:
+        """Undo the weight update of a step with these hyperparameters: `W <- W + round(lr B)`."""
+        self.weights = self.weights + self._update(hypers)
+
+    def reverse_velocity(
+        self, hypers: StepHypers, params: Tensor, grads: Tensor, step: int
+    ) -> None:
+        """Undo the velocity update of step `step`, given its params and inner gradients (after
+        `reverse_weights`)."""
+        decayed = _decayed(grads, params, hypers.weight_decay)
+        fixed = torch.round(decayed * 2.0**self.radix_bits).to(torch.int64)
+        self.velocity = self.buffer.divide(self.velocity - fixed, hypers.ratio, step)
+
+    def _update(self, hypers: StepHypers) -> Tensor:
+        return torch.round(self.velocity.double() * hypers.lr64).to(torch.int64)
+
+
+def _decayed(grads: Tensor, params: Tensor, weight_decay: float | Tensor) -> Tensor:
+    return coupled_decay(grads, params, weight_decay)
+
+
+def check_reversible(optimizer: Any, step: int) -> SGD:
+    """`optimizer` if `Reversible` can reverse it, else a ValueError saying why."""
+    if type(optimizer) is not SGD:
+        raise ValueError(
+            "Reversible reverses SGD with momentum only: problem.optimizer(meta, "
+            f"{step}) returned {type(optimizer).__name__}; use MixedMode or Checkpointed for "
+            "other optimizers"
+        )
+    if optimizer.nesterov:
+        raise ValueError(
+            f"Reversible: problem.optimizer(meta, {step}) uses Nesterov momentum, which the "
+            "reversible update does not reproduce; use nesterov=False or MixedMode"
+        )
+    if not is_zero(optimizer.dampening):
+        raise ValueError(
+            f"Reversible: problem.optimizer(meta, {step}) uses dampening, which the reversible "
+            "update does not reproduce; use dampening=0 or MixedMode"
+        )
+    if is_zero(optimizer.momentum):
+        raise ValueError(
+            f"Reversible: problem.optimizer(meta, {step}) has no momentum; SGD without "
+            "momentum cannot be reversed exactly (each step would have to store the params). "
+            "Give a momentum > 0, or use MixedMode"
+        )
+    return optimizer
+
+
+@dataclass(frozen=True)
+class Reversible(Estimator):
+    """Exact hypergradients of SGD with momentum by running the training backwards.
+
+    Follows Maclaurin, Duvenaud & Adams 2015 ("Gradient-based hyperparameter optimization
+    through reversible learning"). The inner run is SGD with momentum in exactly reversible
+    fixed-point arithmetic (`FixedPointSGD`): weights and velocities are integers, and the bits
+    that multiplying the velocity by the momentum destroys are kept in an information buffer
+    (about `log2(1 / momentum)` bits per parameter and step). The backward pass walks the run
+    from the last step to the first, recomputing `w_t, v_t` exactly from `w_{t+1}, v_{t+1}`,
+    the step's gradient and the stored bits, and accumulates the adjoints of the weights and
+    velocities and the gradients of every hyperparameter value on the way. Each step costs one
+    inner gradient with its Hessian-vector product (reverse over reverse, one step's graph at
+    a time) and a few element-wise operations.
+
+    The hypergradient is that of the SGD recursion `v <- mu v + g + wd w`, `w <- w - lr v` along
+    the fixed-point trajectory, with every rounding taken as the identity (a straight-through
+    derivative; the momentum acts as `round(mu 2^k) / 2^k`). It agrees with `Unrolled` on an
+    inner problem whose optimizer applies the same rounded updates, and with `Unrolled` on the
+    plain problem up to the rounding of the trajectory (2^-radix_bits per operation, and up to
+    `momentum * 2^(momentum_bits - radix_bits)` per momentum multiplication).
+
+    What it reads from the problem: `problem.optimizer(meta, t)` must return a
+    `metagrad.optim.SGD` with a momentum (number or tensor, rounding to at least 2^-k), without
+    Nesterov momentum or dampening; anything else is refused with a ValueError naming the
+    reason. Its `lr`, `momentum` and `weight_decay` may be numbers or meta-parameter values in
+    any scope (scalar, per layer, per element, per-step schedules); a learned initialization
+    and meta-parameters of the inner or outer loss (a module) get their gradients too.
+
+    Bias: none beyond the rounded forward pass described above.
+    Cost: one inner run without graph, then one gradient with a Hessian-vector product per
+    step; about `Unrolled` plus one plain training run.
+    Memory: flat in T but for the information buffer: the weights and velocities (int64), one
+    step's graph, and about `log2(1 / momentum)` bits per parameter and step (0.15 bits for
+    momentum 0.9, against 64 bits per parameter and step to store float32 weights and
+    velocities).
+
+    Args:
+        radix_bits: fixed-point fraction bits `r` (8 to 56): resolution 2^-r, range
+            +-2^(61 - r) for weights, velocities and gradients (2^13 at the default 48).
+        momentum_bits: `k` (1 to 24): the momentum is applied as a multiple of 2^-k.
+    """
+
+    radix_bits: int = 48
+    momentum_bits: int = 16
+
+    def __post_init__(self) -> None:
+        check_count(self.radix_bits, "radix_bits", minimum=8)
+        check_count(self.momentum_bits, "momentum_bits")
+        if self.radix_bits > 56:
+            raise ValueError(f"Invalid radix_bits: {self.radix_bits} (must be <= 56)")
+        if self.momentum_bits > 24:
+            raise ValueError(f"Invalid momentum_bits: {self.momentum_bits} (must be <= 24)")
+
+    def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
+        steps = problem.steps
+        named = dict(meta.named_parameters())
+        meta_tensors = list(named.values())
+
+        # Forward: the run in fixed point, without graph.
+        initial = start(problem, meta)  # keeps the graph from meta into the initial params
+        engine = FixedPointSGD(initial.params, self.radix_bits, self.momentum_bits)
+        first = engine.weights.clone()
+        last_loss = None
+        with meta.reuse_values():
+            for t in range(steps):
+                with torch.no_grad():
+                    hypers = engine.hypers(check_reversible(problem.optimizer(meta, t), t))
+                flat = engine.to_float(engine.weights)
+                params = {n: p.requires_grad_() for n, p in engine.unflat(flat).items()}
+                last_loss = problem.inner_loss(params, meta, problem.batch(t))
+                _check_finite(last_loss, t, steps)
+                grads = inner_grads(last_loss, params, create_graph=False)
+                engine.step(hypers, flat, engine.flat(grads), t)
+        buffer_bytes, buffer_bits = engine.buffer.nbytes(), engine.buffer.bits()
+        final = InnerRun(
+            engine.params(), SGDState(steps, engine.velocities()), detach_tree(last_loss)
+        )
+
+        # The outer loss and its gradient with respect to the final params.
+        params_T = {n: p.detach().requires_grad_() for n, p in final.params.items()}
+        names = list(params_T)
+        loss = outer_loss(problem, meta, params_T)
+        found = torch.autograd.grad(
+            loss, [params_T[n] for n in names] + meta_tensors, allow_unused=True
+        )
+        totals = ValueGrads(meta_tensors)
+        totals.add_meta(found[len(names) :])
+        w_bar = _flat_or_none(engine, dict(zip(names, found[: len(names)], strict=True)))
+        b_bar: Tensor | None = None
+
+        # Backward: undo the steps one by one, accumulating adjoints.
+        with meta.reuse_values():
+            for t in reversed(range(steps)):
+                optimizer = check_reversible(problem.optimizer(meta, t), t)
+                w_bar, b_bar = self._step_back(
+                    problem, meta, engine, optimizer, t, w_bar, b_bar, totals
+                )
+                if t % 64 == 0:
+                    totals.flush()
+            if (
+                not torch.equal(engine.weights, first)
+                or bool(engine.velocity.any())
+                or not engine.buffer.is_empty()
+            ):
+                raise RuntimeError(
+                    "Reversible: the backward pass did not recover the initial weights exactly; "
+                    "the inner loss must be deterministic (the same gradient for the same "
+                    "params and step)"
+                )
+            if w_bar is not None:
+                adjoints = engine.unflat(w_bar)
+                pairs = [
+                    (initial.params[n], adjoints[n])
+                    for n in names
+                    if initial.params[n].requires_grad
+                ]
+                if pairs and meta_tensors:
+                    totals.add_meta(
+                        torch.autograd.grad(
+                            [o for o, _ in pairs],
+                            meta_tensors,
+                            [a for _, a in pairs],
+                            allow_unused=True,
+                        )
+                    )
+            grads = dict(zip(named, totals.result(), strict=True))
+
+        numel = sum(engine.sizes)
+        itemsize = torch.empty((), dtype=engine.dtype).element_size()
+        metrics = {
+            "reversible/buffer_bytes": float(buffer_bytes),
+            "reversible/bits_per_param_step": buffer_bits / (numel * steps),
+            "reversible/lost_bits_per_param_step": engine.lost_bits / (numel * steps),
+            "reversible/trajectory_bytes": float(2 * steps * numel * itemsize),
+        }
+        return Estimate(grads, loss, final, metrics)
+
+    def _step_back(
+        self,
+        problem: InnerProblem,
+        meta: MetaParameters,
+        engine: FixedPointSGD,
+        optimizer: SGD,
+        t: int,
+        w_bar: Tensor | None,
+        b_bar: Tensor | None,
+        totals: ValueGrads,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Undo step `t`; return the (flat) adjoints of its params and velocity.
+
+        The step is `b' = mu b + g(w) + wd w`, `w' = w - lr b'` (SGD's first step has no
+        `mu b`), with adjoints `w_bar`, `b_bar` of `w'`, `b'` from the later steps.
+        """
+        hypers = engine.hypers(optimizer)
+        b_next = engine.to_float(engine.velocity)
+        engine.reverse_weights(hypers)
+        flat = engine.to_float(engine.weights)
+        out: dict[str, Tensor | None] = {}
+
+        def through_update(grads: Params) -> dict[str, Tensor | None]:
+            engine.reverse_velocity(hypers, flat, engine.flat(grads), t)
+            total_b = b_bar  # the adjoint of b' in full: from later steps and from w'
+            if w_bar is not None:
+                _add_hyper(totals, engine, hypers.groups["lr"], -w_bar, b_next)
+                total_b = add_into(total_b, -hypers.lr * w_bar)
+            direct = w_bar
+            previous = None
+            if total_b is not None:
+                if t > 0:
+                    b = engine.to_float(engine.velocity)
+                    _add_hyper(totals, engine, hypers.groups["momentum"], total_b, b)
+                    previous = hypers.momentum * total_b
+                if not is_zero(hypers.weight_decay):
+                    _add_hyper(totals, engine, hypers.groups["weight_decay"], total_b, flat)
+                    direct = add_into(direct, hypers.weight_decay * total_b)
+            out.update(direct=direct, previous=previous)
+            return {} if total_b is None else engine.unflat(total_b)
+
+        hv, meta_hv = hessian_vector(
+            problem,
+            meta,
+            engine.unflat(flat),
+            t,
+            {},
+            totals.meta_tensors,
+            mode="reverse",
+            on_gradient=through_update,
+        )
+        totals.add_meta(meta_hv)
+        hv_flat = _flat_or_none(engine, hv)
+        return add_into(out["direct"], hv_flat), out["previous"]
+
+
+def _flat_or_none(engine: FixedPointSGD, tensors: dict[str, Tensor | None]) -> Tensor | None:
+    """The flat vector of `tensors` (None entries as zeros), or None if all are None."""
+    if all(x is None for x in tensors.values()):
+        return None
+    return engine.flat(
+        {
+            n: torch.zeros(shape, dtype=engine.dtype) if tensors.get(n) is None else tensors[n]
+            for n, shape in zip(engine.names, engine.shapes, strict=True)
+        }
+    )
+
+
+def _add_hyper(
+    totals: ValueGrads, engine: FixedPointSGD, groups: list[_Group], x: Tensor, y: Tensor
+) -> None:
+    """Add the gradient `x * y` (element-wise over the flat params) to each value in `groups`,
+    summed over its parameters (and over the elements for a 0-d value)."""
+    for group in groups:
+        value = group.value
+        if value.dim() == 0:
+            if len(group.segments) == len(engine.segments):
+                grad = torch.dot(x, y)
+            else:
+                grad = sum(
+                    torch.dot(x[o : o + n], y[o : o + n])
+                    for o, n in (engine.segments[j] for j in group.segments)
+                )
+        else:
+            grad = sum(
+                (x[o : o + n] * y[o : o + n]).view(value.shape)
+                for o, n in (engine.segments[j] for j in group.segments)
+            )
+        totals.add(value, grad.to(value.dtype))
