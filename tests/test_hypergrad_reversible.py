@@ -255,7 +255,7 @@ def run_forward(engine, problem, meta, steps):
     states = [(engine.weights.clone(), engine.velocity.clone(), engine.buffer.value.clone())]
     for t in range(steps):
         hypers = engine.hypers(problem.optimizer(meta, t))
-        flat = engine.to_float(engine.weights)
+        flat = engine.float_weights()
         params = {n: p.requires_grad_() for n, p in engine.unflat(flat).items()}
         loss = problem.inner_loss(params, meta, problem.batch(t))
         grads = metagrad.inner_grads(loss, params, create_graph=False)
@@ -264,18 +264,19 @@ def run_forward(engine, problem, meta, steps):
     return states
 
 
+@pytest.mark.parametrize("use_numpy", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("momentum", [0.9, 0.01], ids=["momentum-0.9", "momentum-0.01-spills"])
-def test_reversed_trajectory_equals_the_forward_one_bit_for_bit(momentum):
+def test_reversed_trajectory_equals_the_forward_one_bit_for_bit(momentum, use_numpy):
     problem, meta = build("per_layer", steps=20)
     problem = dataclasses.replace(problem, optimizer=lambda m, t: SGD(lr=0.1, momentum=momentum))
-    engine = FixedPointSGD(initial_params(), R, K)
+    engine = FixedPointSGD(initial_params(), R, K, use_numpy=use_numpy)
     states = run_forward(engine, problem, meta, 20)
     if momentum < 0.5:  # 6.6 bits per element and step: the buffer must have spilled
         assert len(engine.buffer.spills) >= 2
     for t in reversed(range(20)):
         hypers = engine.hypers(problem.optimizer(meta, t))
         engine.reverse_weights(hypers)
-        flat = engine.to_float(engine.weights)
+        flat = engine.float_weights()
         params = {n: p.requires_grad_() for n, p in engine.unflat(flat).items()}
         loss = problem.inner_loss(params, meta, problem.batch(t))
         grads = metagrad.inner_grads(loss, params, create_graph=True)  # as the sweep does
@@ -285,6 +286,17 @@ def test_reversed_trajectory_equals_the_forward_one_bit_for_bit(momentum):
         assert torch.equal(engine.velocity, velocity), t
         assert torch.equal(engine.buffer.value, buffer), t
     assert engine.buffer.is_empty()
+
+
+def test_numpy_and_torch_kernels_compute_the_same_bits():
+    problem, meta = build("per_element", steps=20)
+    runs = []
+    for use_numpy in (True, False):
+        engine = FixedPointSGD(initial_params(), R, K, use_numpy=use_numpy)
+        runs.append(run_forward(engine, problem, meta, 20))
+    for a, b in zip(*runs, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
 
 
 def test_information_buffer_holds_about_log2_of_one_over_momentum_bits():

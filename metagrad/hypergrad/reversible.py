@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +26,86 @@ __all__ = ["FixedPointSGD", "InfoBuffer", "Reversible"]
 _SPILL_BITS = 32
 
 
+class _Ints:
+    """Integer kernels on flat vectors: NumPy for CPU tensors, PyTorch on other devices.
+
+    NumPy divides int64 vectors by a constant several times faster than PyTorch on CPU
+    (libdivide) and has less overhead per operation; both compute the same bits. Arrays cross
+    to PyTorch without copies (`torch.from_numpy`, `Tensor.numpy`).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, use_numpy: bool | None) -> None:
+        if use_numpy is None:
+            use_numpy = device.type == "cpu" and dtype in (torch.float32, torch.float64)
+        self.numpy = use_numpy
+        self.device = device
+        self.float = torch.empty((), dtype=dtype).numpy().dtype if use_numpy else dtype
+
+    def array(self, x: Tensor) -> Any:
+        """A backend array of `x` (no copy for a contiguous CPU tensor)."""
+        return x.detach().contiguous().numpy() if self.numpy else x.detach()
+
+    def tensor(self, a: Any) -> Tensor:
+        """A tensor of a backend array (no copy)."""
+        return torch.from_numpy(a) if self.numpy else a
+
+    def zeros(self, numel: int) -> Any:
+        if self.numpy:
+            return np.zeros(numel, dtype=np.int64)
+        return torch.zeros(numel, dtype=torch.int64, device=self.device)
+
+    def cat(self, pieces: list[Any]) -> Any:
+        return np.concatenate(pieces) if self.numpy else torch.cat(pieces)
+
+    def rint(self, x: Any) -> Any:
+        """Round a float array to the nearest integers (ties to even), as int64."""
+        if self.numpy:
+            return np.rint(x).astype(np.int64)
+        return torch.round(x).to(torch.int64)
+
+    def to_float(self, a: Any, scale: float) -> Any:
+        """`a * scale` in the params' float type (`scale` a power of two: exact)."""
+        if self.numpy:
+            return a.astype(self.float) * self.float.type(scale)
+        return a.to(self.float) * scale
+
+    def to_double(self, a: Any) -> Any:
+        return a.astype(np.float64) if self.numpy else a.double()
+
+    def floordiv(self, a: Any, n: Any) -> Any:
+        """`a div n` (floor), for `n` a number, an array or a `_Ratio` (a number per segment)."""
+        if isinstance(n, _Ratio):
+            if self.numpy:  # one division by a constant per segment
+                pairs = zip(n.segments, n.numbers, strict=True)
+                pieces = [a[o : o + size] // m for (o, size), m in pairs]
+                return self.cat(pieces)
+            n = n.elements
+        return a // n if self.numpy else torch.div(a, n, rounding_mode="floor")
+
+    def to_int32(self, a: Any) -> Any:
+        return a.astype(np.int32) if self.numpy else a.to(torch.int32)
+
+    def to_int64(self, a: Any) -> Any:
+        return a.astype(np.int64) if self.numpy else a.to(torch.int64)
+
+    def abs_max(self, a: Any) -> float:
+        return float(abs(a).max()) if len(a) else 0.0
+
+
+class _Ratio:
+    """Per-segment momentum ratios: one number per parameter tensor, and the same laid out per
+    element (multiplications use the elements, divisions the numbers)."""
+
+    def __init__(self, elements: Any, numbers: list[int], segments: list[tuple[int, int]]):
+        self.elements = elements
+        self.numbers = numbers
+        self.segments = segments
+
+
+def _elements(n: Any) -> Any:
+    return n.elements if isinstance(n, _Ratio) else n
+
+
 class InfoBuffer:
     """Exact storage for the bits lost when integers are multiplied by a ratio `n / 2^k`.
 
@@ -42,66 +123,72 @@ class InfoBuffer:
     Args:
         segments: `(offset, size)` of each segment of the flat vector of integers.
         k: `d = 2^k`, the ratio's denominator.
+        ints: the integer kernels (NumPy or PyTorch).
     """
 
-    def __init__(
-        self, segments: list[tuple[int, int]], k: int, device: torch.device | None = None
-    ) -> None:
+    def __init__(self, segments: list[tuple[int, int]], k: int, ints: _Ints) -> None:
         self.k = k
         self.segments = segments
-        numel = sum(size for _, size in segments)
-        self.value = torch.zeros(numel, dtype=torch.int64, device=device)
-        self.spills: list[tuple[int, int, Tensor]] = []
+        self.ints = ints
+        self._value = ints.zeros(sum(size for _, size in segments))
+        self.spills: list[tuple[int, int, Any]] = []
         self.limit = 1 << (62 - k)  # value * 2^k + (2^k - 1) stays below 2^63
+
+    @property
+    def value(self) -> Tensor:
+        """The buffer (int64, one element per integer multiplied)."""
+        return self.ints.tensor(self._value)
 
     def spill(self, step: int) -> None:
         """Move the low 32 bits of every segment that reached the limit onto the stack."""
         pieces = []
         for j, (offset, size) in enumerate(self.segments):
-            piece = self.value[offset : offset + size]
+            piece = self._value[offset : offset + size]
             if size and int(piece.max()) >= self.limit:
                 low = piece & ((1 << _SPILL_BITS) - 1)
                 # int32 holding the same 32-bit pattern (two's complement)
-                self.spills.append((step, j, (low - ((low >> 31) << 32)).to(torch.int32)))
+                self.spills.append((step, j, self.ints.to_int32(low - ((low >> 31) << 32))))
                 piece = piece >> _SPILL_BITS
             pieces.append(piece)
-        self.value = torch.cat(pieces)
+        self._value = self.ints.cat(pieces)
 
-    def multiply(self, c: Tensor, n: int | Tensor) -> Tensor:
+    def multiply(self, c: Any, n: Any) -> Any:
         """`c * n / 2^k`, rounded so that `divide` can undo it exactly; updates the buffer.
 
-        The caller spills first (`spill`) when `value.max() >= limit`.
+        The caller spills first (`spill`) when the buffer may reach `limit`.
         """
-        buffer = (self.value << self.k) | (c & ((1 << self.k) - 1))  # i d + c mod d
-        self.value = torch.div(buffer, n, rounding_mode="floor")  # i div n
-        return (c >> self.k) * n + (buffer - self.value * n)  # (c div d) n + i mod n
+        buffer = (self._value << self.k) | (c & ((1 << self.k) - 1))  # i d + c mod d
+        self._value = self.ints.floordiv(buffer, n)  # i div n
+        # (c div d) n + (i mod n) = ((c div d) - (i div n)) n + i
+        return ((c >> self.k) - self._value) * _elements(n) + buffer
 
-    def divide(self, c: Tensor, n: int | Tensor, step: int) -> Tensor:
+    def divide(self, c: Any, n: Any, step: int) -> Any:
         """The inverse of `multiply(c, n)` at step `step` (restoring that step's spills)."""
-        quotient = torch.div(c, n, rounding_mode="floor")
-        buffer = self.value * n + (c - quotient * n)  # i n + c mod n
+        quotient = self.ints.floordiv(c, n)
+        buffer = (self._value - quotient) * _elements(n) + c  # i n + c mod n
         c = quotient * (1 << self.k) + (buffer & ((1 << self.k) - 1))
-        self.value = buffer >> self.k
+        self._value = buffer >> self.k
         if self.spills and self.spills[-1][0] == step:
-            pieces = [self.value[o : o + size] for o, size in self.segments]
+            pieces = [self._value[o : o + size] for o, size in self.segments]
             while self.spills and self.spills[-1][0] == step:
                 _, j, spilled = self.spills.pop()
-                pieces[j] = (pieces[j] << _SPILL_BITS) | (spilled.to(torch.int64) & 0xFFFFFFFF)
-            self.value = torch.cat(pieces)
+                low = self.ints.to_int64(spilled) & 0xFFFFFFFF
+                pieces[j] = (pieces[j] << _SPILL_BITS) | low
+            self._value = self.ints.cat(pieces)
         return c
 
     def nbytes(self) -> int:
         """Bytes held: the int64 buffer and the spilled words."""
-        return self.value.numel() * 8 + sum(s.numel() * 4 for *_, s in self.spills)
+        return len(self._value) * 8 + sum(len(s) * 4 for *_, s in self.spills)
 
     def bits(self) -> float:
         """Information held, in bits: 32 per spilled word plus the bit length of each element."""
-        spilled = _SPILL_BITS * sum(s.numel() for *_, s in self.spills)
+        spilled = _SPILL_BITS * sum(len(s) for *_, s in self.spills)
         return spilled + float(torch.log2(self.value.double() + 1).sum())
 
     def is_empty(self) -> bool:
         """Whether every multiplication has been undone (a zero buffer, nothing spilled)."""
-        return not self.spills and not bool(self.value.any())
+        return not self.spills and not bool(self._value.any())
 
 
 def _number(x: float | Tensor) -> float | Tensor:
@@ -123,23 +210,28 @@ class StepHypers:
     Numbers stay numbers (broadcast); tensors become flat per-element vectors.
 
     Attributes:
-        lr64: the learning rate in float64, for the rounded update `round(lr B)`.
+        lr64: the learning rate in float64 (integer kernels' type), for `round(lr B)`.
         lr: the learning rate in the params' dtype (for adjoints).
-        ratio: `n = round(momentum 2^k)`, an int or an int64 vector.
-        momentum: `n / 2^k`, the momentum the integer arithmetic applies.
+        ratio: `n = round(momentum 2^k)`, an int or an int64 vector (integer kernels' type).
+        momentum: `n / 2^k`, the momentum the integer arithmetic applies (params' dtype).
         weight_decay: the weight decay (0 when absent).
         groups: for each of "lr", "momentum", "weight_decay", the values that require grad and
             the parameters using each.
         lost_bits: `sum log2(2^k / n)` over the elements: bits one step adds to the buffer.
+        lr_max, ratio_min, ratio_max: the largest `|lr|` and the extreme `n`, for the range
+            bounds of the forward pass.
     """
 
-    lr64: float | Tensor
+    lr64: Any
     lr: float | Tensor
-    ratio: int | Tensor
+    ratio: Any
     momentum: float | Tensor
     weight_decay: float | Tensor
     groups: dict[str, list[_Group]]
     lost_bits: float
+    lr_max: float
+    ratio_min: int
+    ratio_max: int
 
 
 class FixedPointSGD:
@@ -157,19 +249,28 @@ class FixedPointSGD:
     Only the momentum multiplication loses information, about `log2(1 / mu)` bits per element
     and step, which `InfoBuffer` keeps. `reverse_weights` and `reverse_velocity` undo a step
     given the same gradient, so a run can be walked backwards exactly, bit for bit. The
-    velocity starts at 0, which reproduces SGD's first step `b_1 = g`.
+    velocity starts at 0, which reproduces SGD's first step `b_1 = g`. The integer arithmetic
+    runs in NumPy for CPU tensors and in PyTorch elsewhere (`use_numpy`).
 
     Args:
         params: the initial (floating-point) params; they are rounded to the radix.
         radix_bits: `r`; weights, velocities and gradients must stay below `2^(61 - r)` in
             magnitude.
         momentum_bits: `k`; the momentum is rounded to a multiple of `2^-k`.
+        use_numpy: force (True) or avoid (False) the NumPy kernels; None: NumPy on CPU.
 
     Raises:
         ValueError: a value does not fit the radix; a momentum rounds to 0.
     """
 
-    def __init__(self, params: Params, radix_bits: int = 48, momentum_bits: int = 16) -> None:
+    def __init__(
+        self,
+        params: Params,
+        radix_bits: int = 48,
+        momentum_bits: int = 16,
+        *,
+        use_numpy: bool | None = None,
+    ) -> None:
         if not params:
             raise ValueError("FixedPointSGD needs at least one parameter")
         self.radix_bits = radix_bits
@@ -179,31 +280,49 @@ class FixedPointSGD:
         self.sizes = [params[n].numel() for n in self.names]
         self.dtypes = [params[n].dtype for n in self.names]
         self.dtype = self.dtypes[0]
+        self.device = params[self.names[0]].device
+        self._uniform = all(d == self.dtype for d in self.dtypes)
         self._like = [torch.empty(shape, device="meta") for shape in self.shapes]
         offsets = [sum(self.sizes[:j]) for j in range(len(self.sizes))]
         self.segments = list(zip(offsets, self.sizes, strict=True))
-        self.weights = self.to_fixed(self.flat({n: p.detach() for n, p in params.items()}))
-        self.velocity = torch.zeros_like(self.weights)
-        self.buffer = InfoBuffer(self.segments, momentum_bits, self.weights.device)
+        self.ints = _Ints(self.device, self.dtype, use_numpy)
+        self._w = self.ints.array(self.to_fixed(self.flat({n: p for n, p in params.items()})))
+        self._b = self.ints.zeros(len(self._w))
+        self.buffer = InfoBuffer(self.segments, momentum_bits, self.ints)
         self.lost_bits = 0.0  # sum over steps and elements of log2(2^k / n)
+        self._velocity_bound = 0.0  # >= max |velocity|
+        self._buffer_bound = 0.0  # >= max buffer element
         self._cache: tuple[tuple, list, StepHypers] | None = None
+
+    @property
+    def weights(self) -> Tensor:
+        """The weights `W` (int64, flat)."""
+        return self.ints.tensor(self._w)
+
+    @property
+    def velocity(self) -> Tensor:
+        """The velocities `B` (int64, flat)."""
+        return self.ints.tensor(self._b)
 
     # ------------------------------------------------------------------ layout and conversions
     def flat(self, tensors: dict[str, Tensor]) -> Tensor:
         """One flat vector (in the params' dtype) from tensors keyed like the params."""
-        if len(self.names) == 1:
-            return tensors[self.names[0]].reshape(-1).to(self.dtype)
-        return torch.cat([tensors[n].reshape(-1).to(self.dtype) for n in self.names])
+        pieces = [tensors[n].detach().reshape(-1) for n in self.names]
+        if not self._uniform:
+            pieces = [x.to(self.dtype) for x in pieces]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def unflat(self, x: Tensor) -> dict[str, Tensor]:
         """Tensors keyed and shaped like the params (views of `x`, each in its own dtype)."""
         pieces = x.split(self.sizes) if len(self.names) > 1 else (x,)
-        return {
-            n: piece.view(shape).to(dtype)
-            for n, piece, shape, dtype in zip(
-                self.names, pieces, self.shapes, self.dtypes, strict=True
-            )
-        }
+        views = [
+            piece if len(shape) == 1 else piece.view(shape)
+            for piece, shape in zip(pieces, self.shapes, strict=True)
+        ]
+        out = dict(zip(self.names, views, strict=True))
+        if not self._uniform:
+            out = {n: v.to(d) for (n, v), d in zip(out.items(), self.dtypes, strict=True)}
+        return out
 
     def to_fixed(self, x: Tensor) -> Tensor:
         """`round(x 2^r)` as int64; refuses values too large for the radix."""
@@ -218,16 +337,24 @@ class FixedPointSGD:
         return torch.round(scaled).to(torch.int64)
 
     def to_float(self, x: Tensor) -> Tensor:
-        """`x 2^-r` in the params' dtype."""
-        return x.to(self.dtype) * (2.0**-self.radix_bits)
+        """`x 2^-r` in the params' dtype, for a flat int64 tensor `x` (weights or velocities)."""
+        return self.ints.tensor(self.ints.to_float(self.ints.array(x), 2.0**-self.radix_bits))
+
+    def float_weights(self) -> Tensor:
+        """The weights as a flat float vector (params' dtype)."""
+        return self.ints.tensor(self.ints.to_float(self._w, 2.0**-self.radix_bits))
+
+    def float_velocity(self) -> Tensor:
+        """The velocities as a flat float vector (params' dtype)."""
+        return self.ints.tensor(self.ints.to_float(self._b, 2.0**-self.radix_bits))
 
     def params(self) -> Params:
         """The current weights as floats, keyed like the params."""
-        return self.unflat(self.to_float(self.weights))
+        return self.unflat(self.float_weights())
 
     def velocities(self) -> Params:
         """The current velocities (momentum buffers) as floats, keyed like the params."""
-        return self.unflat(self.to_float(self.velocity))
+        return self.unflat(self.float_velocity())
 
     # ------------------------------------------------------------------ hyperparameters
     def hypers(self, optimizer: SGD) -> StepHypers:
@@ -268,6 +395,8 @@ class FixedPointSGD:
             if isinstance(mu, Tensor):
                 n = torch.round(mu.detach().double() * scale).to(torch.int64)
                 bad = not bool((n >= 1).all())
+                if n.dim() == 0:
+                    n = int(n)  # a number: division by a constant is much faster
             else:
                 n = round(mu * scale)
                 bad = n < 1
@@ -282,18 +411,27 @@ class FixedPointSGD:
         if isinstance(ratio, Tensor):
             momentum: float | Tensor = ratio.to(self.dtype) / scale
             lost = float((self.momentum_bits - torch.log2(ratio.double())).sum())
+            ratio_min, ratio_max = int(ratio.min()), int(ratio.max())
+            ratio = self.ints.array(ratio)
+            if all(isinstance(n, int) for n in ratios):  # one number per segment
+                ratio = _Ratio(ratio, ratios, self.segments)
         else:
             momentum = ratio / scale
             lost = sum(self.sizes) * (self.momentum_bits - math.log2(ratio))
+            ratio_min = ratio_max = ratio
         lr = lr64.to(self.dtype) if isinstance(lr64, Tensor) else lr64
+        lr_max = float(lr64.abs().max()) if isinstance(lr64, Tensor) else abs(lr64)
         return StepHypers(
-            lr64=lr64,
+            lr64=self.ints.array(lr64) if isinstance(lr64, Tensor) else lr64,
             lr=lr,
             ratio=ratio,
             momentum=momentum,
             weight_decay=self._spread(resolved["weight_decay"], self.dtype),
             groups=groups,
             lost_bits=lost,
+            lr_max=lr_max,
+            ratio_min=ratio_min,
+            ratio_max=ratio_max,
         )
 
     def _spread(self, values: list[Any], dtype: torch.dtype) -> Any:
@@ -303,57 +441,66 @@ class FixedPointSGD:
             not isinstance(v, Tensor) and v == first for v in values
         ):
             return first
-        device = self.weights.device
         pieces = [
-            torch.as_tensor(_number(v), dtype=dtype, device=device).expand(shape).reshape(-1)
+            torch.as_tensor(_number(v), dtype=dtype, device=self.device).expand(shape).reshape(-1)
             for v, shape in zip(values, self.shapes, strict=True)
         ]
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     # ------------------------------------------------------------------ the step and its inverse
     def step(self, hypers: StepHypers, params: Tensor, grads: Tensor, step: int) -> None:
-        """One SGD step at the flat float params `params` with flat inner gradients `grads`."""
-        decayed = _decayed(grads, params, hypers.weight_decay)
-        tops = torch.stack(
-            [
-                decayed.abs().max().double() * 2.0**self.radix_bits,
-                self.buffer.value.max().double(),
-                self.velocity.abs().max().double(),
-                self.weights.abs().max().double(),
-            ]
-        ).tolist()
-        if not max(tops[0], tops[2], tops[3]) < 2.0**61:
+        """One SGD step at the flat float params `params` with flat inner gradients `grads`.
+
+        Raises:
+            ValueError: the gradients, weights or velocities leave the fixed-point range.
+        """
+        decayed = self.ints.array(_decayed(grads, params, hypers.weight_decay))
+        scale = 2.0**self.radix_bits
+        top_grad = self.ints.abs_max(decayed)
+        top_weight = self.ints.abs_max(self.ints.array(params))
+        # Bounds (no further reductions): |B'| <= |B| n / d + 2 n + |G| after the exact
+        # multiplication, |round(lr B')| <= lr_max |B'| + 1, and the buffer grows by at most a
+        # factor d / n (plus d / n) per multiplication.
+        ratio = hypers.ratio_max / 2**self.momentum_bits
+        self._velocity_bound = (
+            self._velocity_bound * ratio + 2 * hypers.ratio_max + top_grad * scale + 1
+        )
+        largest = max(top_grad * scale, top_weight * scale, self._velocity_bound)
+        if not max(largest, hypers.lr_max * self._velocity_bound) < 2.0**61:
             raise ValueError(
                 f"Reversible: weights, velocities or gradients left the fixed-point range at "
                 f"inner step {step} (magnitude 2^{61 - self.radix_bits} at radix "
                 f"2^-{self.radix_bits}); lower radix_bits or the learning rate"
             )
-        if tops[1] >= self.buffer.limit:
+        if self._buffer_bound >= self.buffer.limit:
             self.buffer.spill(step)
-        fixed = torch.round(decayed * 2.0**self.radix_bits).to(torch.int64)
-        self.velocity = self.buffer.multiply(self.velocity, hypers.ratio) + fixed
-        self.weights = self.weights - self._update(hypers)
+            self._buffer_bound = float(self.buffer.value.max())
+        growth = 2**self.momentum_bits / hypers.ratio_min
+        self._buffer_bound = (self._buffer_bound + 1) * growth
+        fixed = self.ints.rint(decayed * scale)
+        self._b = self.buffer.multiply(self._b, hypers.ratio) + fixed
+        self._w = self._w - self._update(hypers)
         self.lost_bits += hypers.lost_bits
 
     def reverse_weights(self, hypers: StepHypers) -> None:
         """Undo the weight update of a step with these hyperparameters: `W <- W + round(lr B)`."""
-        self.weights = self.weights + self._update(hypers)
+        self._w = self._w + self._update(hypers)
 
     def reverse_velocity(
         self, hypers: StepHypers, params: Tensor, grads: Tensor, step: int
     ) -> None:
         """Undo the velocity update of step `step`, given its params and inner gradients (after
         `reverse_weights`)."""
-        decayed = _decayed(grads, params, hypers.weight_decay)
-        fixed = torch.round(decayed * 2.0**self.radix_bits).to(torch.int64)
-        self.velocity = self.buffer.divide(self.velocity - fixed, hypers.ratio, step)
+        decayed = self.ints.array(_decayed(grads, params, hypers.weight_decay))
+        fixed = self.ints.rint(decayed * 2.0**self.radix_bits)
+        self._b = self.buffer.divide(self._b - fixed, hypers.ratio, step)
 
-    def _update(self, hypers: StepHypers) -> Tensor:
-        return torch.round(self.velocity.double() * hypers.lr64).to(torch.int64)
+    def _update(self, hypers: StepHypers) -> Any:
+        return self.ints.rint(self.ints.to_double(self._b) * hypers.lr64)
 
 
 def _decayed(grads: Tensor, params: Tensor, weight_decay: float | Tensor) -> Tensor:
-    return coupled_decay(grads, params, weight_decay)
+    return coupled_decay(grads.detach(), params.detach(), weight_decay)
 
 
 def check_reversible(optimizer: Any, step: int) -> SGD:
@@ -451,7 +598,7 @@ class Reversible(Estimator):
             for t in range(steps):
                 with torch.no_grad():
                     hypers = engine.hypers(check_reversible(problem.optimizer(meta, t), t))
-                flat = engine.to_float(engine.weights)
+                flat = engine.float_weights()
                 params = {n: p.requires_grad_() for n, p in engine.unflat(flat).items()}
                 last_loss = problem.inner_loss(params, meta, problem.batch(t))
                 _check_finite(last_loss, t, steps)
@@ -475,13 +622,16 @@ class Reversible(Estimator):
         b_bar: Tensor | None = None
 
         # Backward: undo the steps one by one, accumulating adjoints.
+        hyper_grads = _HyperGrads(totals, engine)
+        b_next = engine.float_velocity()
         with meta.reuse_values():
             for t in reversed(range(steps)):
                 optimizer = check_reversible(problem.optimizer(meta, t), t)
-                w_bar, b_bar = self._step_back(
-                    problem, meta, engine, optimizer, t, w_bar, b_bar, totals
+                w_bar, b_bar, b_next = self._step_back(
+                    problem, meta, engine, optimizer, t, w_bar, b_bar, b_next, hyper_grads
                 )
                 if t % 64 == 0:
+                    hyper_grads.flush()
                     totals.flush()
             if (
                 not torch.equal(engine.weights, first)
@@ -530,35 +680,37 @@ class Reversible(Estimator):
         t: int,
         w_bar: Tensor | None,
         b_bar: Tensor | None,
-        totals: ValueGrads,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Undo step `t`; return the (flat) adjoints of its params and velocity.
+        b_next: Tensor,
+        hyper_grads: _HyperGrads,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """Undo step `t`; return the (flat) adjoints of its params and velocity, and its
+        velocity.
 
         The step is `b' = mu b + g(w) + wd w`, `w' = w - lr b'` (SGD's first step has no
-        `mu b`), with adjoints `w_bar`, `b_bar` of `w'`, `b'` from the later steps.
+        `mu b`), with adjoints `w_bar`, `b_bar` of `w'`, `b'` from the later steps and `b_next`
+        the velocity `b'` (as floats).
         """
         hypers = engine.hypers(optimizer)
-        b_next = engine.to_float(engine.velocity)
         engine.reverse_weights(hypers)
-        flat = engine.to_float(engine.weights)
+        flat = engine.float_weights()
         out: dict[str, Tensor | None] = {}
 
         def through_update(grads: Params) -> dict[str, Tensor | None]:
             engine.reverse_velocity(hypers, flat, engine.flat(grads), t)
+            b = out["velocity"] = engine.float_velocity()
             total_b = b_bar  # the adjoint of b' in full: from later steps and from w'
             if w_bar is not None:
-                _add_hyper(totals, engine, hypers.groups["lr"], -w_bar, b_next)
-                total_b = add_into(total_b, -hypers.lr * w_bar)
-            direct = w_bar
-            previous = None
+                hyper_grads.add("lr", hypers.groups["lr"], w_bar, b_next, -1.0)
+                total_b = _sub_scaled(total_b, hypers.lr, w_bar)
+            direct, previous = w_bar, None
             if total_b is not None:
-                if t > 0:
-                    b = engine.to_float(engine.velocity)
-                    _add_hyper(totals, engine, hypers.groups["momentum"], total_b, b)
+                if t > 0:  # SGD's first step is b_1 = g: the momentum is not used
+                    hyper_grads.add("momentum", hypers.groups["momentum"], total_b, b, 1.0)
                     previous = hypers.momentum * total_b
                 if not is_zero(hypers.weight_decay):
-                    _add_hyper(totals, engine, hypers.groups["weight_decay"], total_b, flat)
-                    direct = add_into(direct, hypers.weight_decay * total_b)
+                    groups = hypers.groups["weight_decay"]
+                    hyper_grads.add("weight_decay", groups, total_b, flat, 1.0)
+                    direct = _add_scaled(direct, hypers.weight_decay, total_b)
             out.update(direct=direct, previous=previous)
             return {} if total_b is None else engine.unflat(total_b)
 
@@ -568,13 +720,31 @@ class Reversible(Estimator):
             engine.unflat(flat),
             t,
             {},
-            totals.meta_tensors,
+            hyper_grads.totals.meta_tensors,
             mode="reverse",
             on_gradient=through_update,
         )
-        totals.add_meta(meta_hv)
-        hv_flat = _flat_or_none(engine, hv)
-        return add_into(out["direct"], hv_flat), out["previous"]
+        hyper_grads.totals.add_meta(meta_hv)
+        w_prev = add_into(out["direct"], _flat_or_none(engine, hv))
+        return w_prev, out["previous"], out["velocity"]
+
+
+def _sub_scaled(x: Tensor | None, scale: float | Tensor, y: Tensor) -> Tensor:
+    """`x - scale * y` (x None: zero), one operation where possible."""
+    if x is None:
+        return -scale * y
+    if isinstance(scale, Tensor):
+        return torch.addcmul(x, scale, y, value=-1)
+    return torch.add(x, y, alpha=-scale)
+
+
+def _add_scaled(x: Tensor | None, scale: float | Tensor, y: Tensor) -> Tensor:
+    """`x + scale * y` (x None: zero)."""
+    if x is None:
+        return scale * y
+    if isinstance(scale, Tensor):
+        return torch.addcmul(x, scale, y)
+    return torch.add(x, y, alpha=scale)
 
 
 def _flat_or_none(engine: FixedPointSGD, tensors: dict[str, Tensor | None]) -> Tensor | None:
@@ -589,24 +759,49 @@ def _flat_or_none(engine: FixedPointSGD, tensors: dict[str, Tensor | None]) -> T
     )
 
 
-def _add_hyper(
-    totals: ValueGrads, engine: FixedPointSGD, groups: list[_Group], x: Tensor, y: Tensor
-) -> None:
-    """Add the gradient `x * y` (element-wise over the flat params) to each value in `groups`,
-    summed over its parameters (and over the elements for a 0-d value)."""
-    for group in groups:
-        value = group.value
-        if value.dim() == 0:
-            if len(group.segments) == len(engine.segments):
-                grad = torch.dot(x, y)
+class _HyperGrads:
+    """Gradients of hyperparameter values, accumulated element-wise over the flat params.
+
+    `add(field, groups, x, y, sign)` adds `sign * x * y` (one operation) to the field's
+    element-wise sum while its values stay the same tensors (a constant or per-layer learning
+    rate); the sum is reduced to each value's shape (per layer, per element or one number) and
+    handed to `totals` when the values change (a schedule) or at `flush`.
+    """
+
+    def __init__(self, totals: ValueGrads, engine: FixedPointSGD) -> None:
+        self.totals = totals
+        self.engine = engine
+        self.pending: dict[str, tuple[tuple[int, ...], list[_Group], Tensor]] = {}
+
+    def add(self, field: str, groups: list[_Group], x: Tensor, y: Tensor, sign: float) -> None:
+        """Add `sign * x * y` to the gradients of `groups` (the values of `field`)."""
+        if not groups:
+            return
+        key = tuple(id(g.value) for g in groups)
+        found = self.pending.get(field)
+        if found is not None and found[0] == key:
+            self.pending[field] = (key, groups, torch.addcmul(found[2], x, y, value=sign))
+            return
+        if found is not None:
+            self._reduce(found[1], found[2])
+        self.pending[field] = (key, groups, x * y if sign == 1 else -(x * y))
+
+    def flush(self) -> None:
+        """Hand every pending sum to `totals`."""
+        for _, groups, summed in self.pending.values():
+            self._reduce(groups, summed)
+        self.pending.clear()
+
+    def _reduce(self, groups: list[_Group], summed: Tensor) -> None:
+        segments = self.engine.segments
+        for group in groups:
+            value = group.value
+            pieces = [summed[o : o + n] for o, n in (segments[j] for j in group.segments)]
+            if value.dim() == 0:
+                if len(group.segments) == len(segments):
+                    grad = summed.sum()
+                else:
+                    grad = sum(piece.sum() for piece in pieces)
             else:
-                grad = sum(
-                    torch.dot(x[o : o + n], y[o : o + n])
-                    for o, n in (engine.segments[j] for j in group.segments)
-                )
-        else:
-            grad = sum(
-                (x[o : o + n] * y[o : o + n]).view(value.shape)
-                for o, n in (engine.segments[j] for j in group.segments)
-            )
-        totals.add(value, grad.to(value.dtype))
+                grad = sum(piece.view(value.shape) for piece in pieces)
+            self.totals.add(value, grad.to(value.dtype))
