@@ -199,14 +199,14 @@ EXACT = [
     pytest.param(Checkpointed(T), id="checkpointed-T"),
     pytest.param(Checkpointed(T + 3), id="checkpointed-over-T"),
     pytest.param(ForwardMode(max_directions=64), id="forward-mode"),
-    pytest.param(MixedMode(), id="mixed-mode-default"),  # forward over reverse, segment 3
-    pytest.param(MixedMode(1), id="mixed-mode-1"),
-    pytest.param(MixedMode(4, hvp="reverse"), id="mixed-mode-4-reverse"),
-    pytest.param(MixedMode(T + 3, hvp="reverse"), id="mixed-mode-over-T-reverse"),
+    pytest.param(MixedMode(), id="mixed-mode-default"),  # reverse over reverse, segment 3
+    pytest.param(MixedMode(1, hvp="forward"), id="mixed-mode-1-forward"),
+    pytest.param(MixedMode(4, hvp="forward"), id="mixed-mode-4-forward"),
+    pytest.param(MixedMode(T + 3), id="mixed-mode-over-T"),
 ]
 MIXED = [
-    pytest.param(MixedMode(2), id="mixed-mode-2"),
-    pytest.param(MixedMode(3, hvp="reverse"), id="mixed-mode-3-reverse"),
+    pytest.param(MixedMode(2, hvp="forward"), id="mixed-mode-2-forward"),
+    pytest.param(MixedMode(3), id="mixed-mode-3"),
 ]
 
 

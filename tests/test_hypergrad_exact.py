@@ -91,7 +91,7 @@ EXACT = [
     pytest.param(Checkpointed(T + 5), id="checkpointed-over-T"),
     pytest.param(ForwardMode(), id="forward-mode"),
     pytest.param(MixedMode(), id="mixed-mode-default"),
-    pytest.param(MixedMode(4, hvp="reverse"), id="mixed-mode-4-reverse"),
+    pytest.param(MixedMode(4, hvp="forward"), id="mixed-mode-4-forward"),
     pytest.param(MixedMode(T + 5), id="mixed-mode-over-T"),
 ]
 
@@ -214,7 +214,7 @@ ALL = [
     pytest.param(Checkpointed(2), id="checkpointed"),
     pytest.param(ForwardMode(), id="forward-mode"),
     pytest.param(MixedMode(2), id="mixed-mode"),
-    pytest.param(MixedMode(2, hvp="reverse"), id="mixed-mode-reverse"),
+    pytest.param(MixedMode(2, hvp="forward"), id="mixed-mode-forward"),
 ]
 
 
