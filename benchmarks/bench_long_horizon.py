@@ -30,6 +30,7 @@ Run (about 10 minutes on one core; T = 10000 dominates):
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import subprocess
@@ -128,6 +129,16 @@ def held_bytes(name: str, metrics: dict, steps: int) -> float:
     return 0.0
 
 
+def _release_free_heap() -> None:
+    """Return freed heap pages to the system (glibc), so that the RSS before the call holds
+    no free memory the call could reuse unseen (building a long horizon's batches frees
+    about 10 KB per step)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(name: str, steps: int, tensors: bool) -> dict:
     """One hypergradient in this (fresh) process: time and peak RSS, or tensor bytes."""
     torch.set_num_threads(1)
@@ -136,6 +147,7 @@ def measure(name: str, steps: int, tensors: bool) -> dict:
     METHODS[name]()(warm, warm_meta)
     method = METHODS[name]()
     gc.collect()
+    _release_free_heap()
     if tensors:
         meter = SavedBytes()
         with meter.hooks():

@@ -594,10 +594,17 @@ class Reversible(Estimator):
         engine = FixedPointSGD(initial.params, self.radix_bits, self.momentum_bits)
         first = engine.weights.clone()
         last_loss = None
+        # Each step's hyperparameter layout, kept (by reference) where consecutive steps share
+        # it (values computed once, with their graph to the meta-parameters), so the backward
+        # pass need not rebuild the optimizer; None where it changes at every step (a schedule).
+        layouts: list[StepHypers | None] = []
         with meta.reuse_values():
             for t in range(steps):
-                with torch.no_grad():
-                    hypers = engine.hypers(check_reversible(problem.optimizer(meta, t), t))
+                hypers = engine.hypers(check_reversible(problem.optimizer(meta, t), t))
+                if layouts and layouts[-1] is not None and layouts[-1] is not hypers:
+                    if len(layouts) < 2 or layouts[-2] is not layouts[-1]:
+                        layouts[-1] = None  # used by one step only
+                layouts.append(hypers)
                 flat = engine.float_weights()
                 params = {n: p.requires_grad_() for n, p in engine.unflat(flat).items()}
                 last_loss = problem.inner_loss(params, meta, problem.batch(t))
@@ -626,9 +633,11 @@ class Reversible(Estimator):
         b_next = engine.float_velocity()
         with meta.reuse_values():
             for t in reversed(range(steps)):
-                optimizer = check_reversible(problem.optimizer(meta, t), t)
+                hypers = layouts.pop()
+                if hypers is None:
+                    hypers = engine.hypers(check_reversible(problem.optimizer(meta, t), t))
                 w_bar, b_bar, b_next = self._step_back(
-                    problem, meta, engine, optimizer, t, w_bar, b_bar, b_next, hyper_grads
+                    problem, meta, engine, hypers, t, w_bar, b_bar, b_next, hyper_grads
                 )
                 if t % 64 == 0:
                     hyper_grads.flush()
@@ -676,7 +685,7 @@ class Reversible(Estimator):
         problem: InnerProblem,
         meta: MetaParameters,
         engine: FixedPointSGD,
-        optimizer: SGD,
+        hypers: StepHypers,
         t: int,
         w_bar: Tensor | None,
         b_bar: Tensor | None,
@@ -690,7 +699,6 @@ class Reversible(Estimator):
         `mu b`), with adjoints `w_bar`, `b_bar` of `w'`, `b'` from the later steps and `b_next`
         the velocity `b'` (as floats).
         """
-        hypers = engine.hypers(optimizer)
         engine.reverse_weights(hypers)
         flat = engine.float_weights()
         out: dict[str, Tensor | None] = {}
