@@ -52,6 +52,9 @@ METHODS: dict[str, Callable[[], Callable]] = {
     "MixedMode(reverse)": lambda: MixedMode(hvp="reverse"),
     "Reversible": Reversible,
 }
+# Forward-mode AD keeps the saved-tensor hooks' packed objects alive until the call ends, so the
+# meter would count every step's tensors as kept.
+NO_TENSOR_METER = {"MixedMode(forward)"}
 MACHINE_GIB = 24.0
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent / "experiments" / "long_horizon" / "results.json"
@@ -116,9 +119,9 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor)
 
 
-def held_bytes(name: str, metrics: dict, steps: int) -> float:
+def held_bytes(name: str, metrics: dict, steps: int, hidden: int = 128) -> float:
     """Bytes the method holds itself (not as saved tensors), from its metrics and layout."""
-    numel, itemsize = 64 * 128 + 128 + 128 * 10 + 10, 4
+    numel, itemsize = 64 * hidden + hidden + hidden * 10 + 10, 4
     if name == "Checkpointed":  # a boundary (params + momentum buffers) per segment
         segment = Checkpointed().segment_for(steps)
         return (steps + segment - 1) // segment * 2 * numel * itemsize
@@ -139,10 +142,10 @@ def _release_free_heap() -> None:
         pass
 
 
-def measure(name: str, steps: int, tensors: bool) -> dict:
+def measure(name: str, steps: int, tensors: bool, hidden: int = 128) -> dict:
     """One hypergradient in this (fresh) process: time and peak RSS, or tensor bytes."""
     torch.set_num_threads(1)
-    problem, meta, _ = build(steps)
+    problem, meta, _ = build(steps, hidden=hidden)
     warm, warm_meta, _ = build(3, hidden=4, batch_size=4)
     METHODS[name]()(warm, warm_meta)
     method = METHODS[name]()
@@ -152,7 +155,7 @@ def measure(name: str, steps: int, tensors: bool) -> dict:
         meter = SavedBytes()
         with meter.hooks():
             result = method(problem, meta)
-        held = held_bytes(name, result.metrics, steps)
+        held = held_bytes(name, result.metrics, steps, hidden)
         return {"saved_mib": meter.peak / 2**20, "kept_mib": (meter.peak + held) / 2**20}
     baseline = _status_kib("VmRSS")
     try:
@@ -190,8 +193,8 @@ def measure(name: str, steps: int, tensors: bool) -> dict:
     }
 
 
-def in_subprocess(name: str, steps: int, tensors: bool = False) -> dict:
-    args = [sys.executable, __file__, "--measure", name, str(steps)]
+def in_subprocess(name: str, steps: int, tensors: bool = False, hidden: int = 128) -> dict:
+    args = [sys.executable, __file__, "--measure", name, str(steps), "--hidden", str(hidden)]
     if tensors:
         args.append("--tensors")
     out = subprocess.run(args, check=True, capture_output=True, text=True)
@@ -213,11 +216,15 @@ def main() -> None:
     parser.add_argument("--horizons", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--repeats", type=int, default=3, help="repeats at T <= 1000")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--hidden", type=int, default=128, help="width of the MLP's hidden layer")
+    parser.add_argument(
+        "--no-tensors", action="store_true", help="skip the saved-tensor measurements"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.measure:
         name, steps = args.measure
-        print(json.dumps(measure(name, int(steps), args.tensors)))
+        print(json.dumps(measure(name, int(steps), args.tensors, args.hidden)))
         return
 
     started = time.perf_counter()
@@ -239,7 +246,7 @@ def main() -> None:
             for name in args.methods:
                 if name in skipped:
                     continue
-                runs[name].append(in_subprocess(name, steps))
+                runs[name].append(in_subprocess(name, steps, hidden=args.hidden))
                 print(
                     f"T={steps} {name}: {runs[name][-1]['cpu_s']:.2f} s CPU, "
                     f"{runs[name][-1]['added_mib']:.1f} MiB",
@@ -259,8 +266,8 @@ def main() -> None:
                 "metrics": best["metrics"],
                 "grads": best["grads"],
             }
-            if steps <= 1000:
-                entry.update(in_subprocess(name, steps, tensors=True))
+            if steps <= 1000 and not args.no_tensors and name not in NO_TENSOR_METER:
+                entry.update(in_subprocess(name, steps, tensors=True, hidden=args.hidden))
             row[name] = entry
         ref = row.get("Unrolled", {})
         for entry in row.values():
@@ -276,6 +283,7 @@ def main() -> None:
         for entry in row.values():
             entry.pop("grads", None)
     payload = {
+        "hidden": args.hidden,
         "results": results,
         "unrolled_mib_per_step": unrolled_slope(results),
         "seconds": time.perf_counter() - started,
