@@ -245,6 +245,27 @@ def test_unused_meta_parameter_gets_zero_gradient_and_a_warning(method):
     assert result.grads["lr"] != 0
 
 
+@pytest.mark.parametrize("hvp", ["reverse", "forward"])
+def test_mixed_mode_with_values_computed_afresh_at_every_step(hvp):
+    # The optimizer's learning rate and momentum are new tensors at every step (not cached
+    # meta values), and Adam's first moment depends on a learned value: the sweep must collect
+    # each step's value gradients before they are pushed into the meta-parameters.
+    q = quadratic()
+    meta = (
+        metagrad.MetaParameters()
+        .add("lr", 0.05, dtype=DT)
+        .add("beta1", 0.8, constraint="unit", dtype=DT)
+    )
+
+    def optimizer(m, t):
+        return Adam(lr=m.value("lr") * (1 + 0.1 * t), betas=(m.value("beta1") ** (1 + t % 2), 0.99))
+
+    problem = quadratic_problem(q, optimizer, steps=10)
+    ref, result = Unrolled()(problem, meta), MixedMode(3, hvp=hvp)(problem, meta)
+    for name in ref.grads:
+        assert rel_err(result.grads[name], ref.grads[name]) < 1e-10
+
+
 def test_forward_mode_refuses_too_many_directions():
     q = quadratic()
     meta = metagrad.MetaParameters().add("lr", LR, steps=T, dtype=DT)

@@ -91,6 +91,9 @@ def build(scope: str, steps: int = T):
         meta.add("lr", 0.2, dtype=DT)
         meta.add("init", p0, constraint=None, scope="per_element", params=p0)
         init = lambda m: m.value("init")  # noqa: E731
+    elif scope == "derived":  # values computed from the meta-parameters afresh at every step
+        meta.add("lr", 0.2, dtype=DT)
+        meta.add("momentum", 0.7, constraint="unit", dtype=DT)
     elif scope == "module":
         meta.add("lr", 0.2, dtype=DT)
         torch.manual_seed(3)
@@ -106,6 +109,9 @@ def build(scope: str, steps: int = T):
                 values[name] = m.value(name, step=t) if schedule else m.value(name)
             else:
                 values[name] = fixed[name]
+        if scope == "derived":
+            values["lr"] = values["lr"] * (1 + 0.1 * (t % 3))
+            values["momentum"] = values["momentum"] * (1 - 0.05 * (t % 2))
         return SGD(**values)
 
     def inner_loss(p, m, b):
@@ -203,6 +209,7 @@ SCOPES = [
     "per_layer",
     "per_element",
     "per_step",
+    "derived",
     "weight_decay",
     "learned_init",
     "module",

@@ -41,8 +41,10 @@ class _Saved(NamedTuple):
     outputs: list[Tensor]
 
     def nbytes(self) -> int:
-        """Bytes of the saved tensors (inputs and outputs; the graph saves little more)."""
-        return nbytes([self.params, self.state, self.grads, self.outputs])
+        """Bytes this step adds: its gradient and its outputs. Its params and state share
+        storage with the previous step's outputs (or the boundary), and the update's graph
+        saves little besides them."""
+        return nbytes([self.grads, self.outputs])
 
 
 def _leaves(tree: Any) -> tuple[Any, list[Tensor]]:
@@ -55,6 +57,13 @@ def _leaves(tree: Any) -> tuple[Any, list[Tensor]]:
     return tree_unflatten(flat, spec), [
         x for x in flat if isinstance(x, Tensor) and x.requires_grad
     ]
+
+
+def _saved_bytes(saved: list[_Saved]) -> int:
+    """Bytes held by a rerun segment: the first step's inputs and every step's additions."""
+    if not saved:
+        return 0
+    return nbytes([saved[0].params, saved[0].state]) + sum(s.nbytes() for s in saved)
 
 
 def _held(boundaries: list[InnerRun | None]) -> int:
@@ -136,7 +145,7 @@ class MixedMode(Estimator):
                 problem, meta, run, range(b, b + segment), create_graph=False, track=False
             )
         saved, final = _rerun(problem, meta, run, range(starts[-1], steps))
-        stored = _held(boundaries) + sum(s.nbytes() for s in saved)
+        stored = _held(boundaries) + _saved_bytes(saved)
 
         # The outer loss and its gradient with respect to the final params.
         params_T = as_leaves(detach_tree(final.params))
@@ -157,7 +166,7 @@ class MixedMode(Estimator):
             if i < len(starts) - 1:
                 saved, _ = _rerun(problem, meta, boundaries[i], range(b, end))
                 boundaries[i] = None
-                stored = max(stored, _held(boundaries) + sum(s.nbytes() for s in saved))
+                stored = max(stored, _held(boundaries) + _saved_bytes(saved))
             for t in reversed(range(b, end)):
                 w_bar, s_bar = self._step(problem, meta, t, saved.pop(), w_bar, s_bar, totals)
             totals.flush()

@@ -348,6 +348,11 @@ class FixedPointSGD:
         """The velocities as a flat float vector (params' dtype)."""
         return self.ints.tensor(self.ints.to_float(self._b, 2.0**-self.radix_bits))
 
+    def zeros(self, name: str) -> Tensor:
+        """Zeros shaped like parameter `name`, in the params' dtype and device."""
+        shape = self.shapes[self.names.index(name)]
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
     def params(self) -> Params:
         """The current weights as floats, keyed like the params."""
         return self.unflat(self.float_weights())
@@ -767,10 +772,7 @@ def _flat_or_none(engine: FixedPointSGD, tensors: dict[str, Tensor | None]) -> T
     if all(x is None for x in tensors.values()):
         return None
     return engine.flat(
-        {
-            n: torch.zeros(shape, dtype=engine.dtype) if tensors.get(n) is None else tensors[n]
-            for n, shape in zip(engine.names, engine.shapes, strict=True)
-        }
+        {n: engine.zeros(n) if tensors.get(n) is None else tensors[n] for n in engine.names}
     )
 
 
