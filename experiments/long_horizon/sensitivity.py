@@ -38,6 +38,7 @@ def rel_diff(a: dict, b: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--hidden", type=int, default=128, help="width of the hidden layer")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
@@ -49,12 +50,12 @@ def main() -> None:
         row = []
         runs = {}
         for dtype, momentum in ((torch.float32, 0.9), (torch.float64, 0.9)):
-            problem, meta, _ = build(steps, dtype=dtype, momentum=momentum)
+            problem, meta, _ = build(steps, hidden=args.hidden, dtype=dtype, momentum=momentum)
             runs[dtype] = Unrolled()(problem, meta).grads
         row.append(rel_diff(runs[torch.float32], runs[torch.float64]))
-        problem64, meta64, _ = build(steps, dtype=torch.float64, momentum=0.875)
+        problem64, meta64, _ = build(steps, hidden=args.hidden, dtype=torch.float64, momentum=0.875)
         reference = Unrolled()(problem64, meta64).grads
-        problem32, meta32, _ = build(steps, momentum=0.875)
+        problem32, meta32, _ = build(steps, hidden=args.hidden, momentum=0.875)
         row.append(rel_diff(Reversible()(problem32, meta32).grads, reference))
         row.append(rel_diff(Reversible()(problem64, meta64).grads, reference))
         print(f"| {steps} | " + " | ".join(f"{x:.1e}" for x in row) + " |")
