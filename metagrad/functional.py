@@ -111,7 +111,9 @@ class Functional:
             detach: return fresh leaves (copies that require grad) instead of the module's own
                 parameters, so that no gradient reaches the module.
         """
-        params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        params: dict[str, Tensor] = {
+            n: p for n, p in self.module.named_parameters() if p.requires_grad
+        }
         if detach:
             params = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
         return params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -9,6 +10,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ._checks import ArgumentError, check_choice, check_count
 
 __all__ = ["MetaParameters", "Constraint"]
 
@@ -24,12 +27,11 @@ class _Entry:
     steps: int | None
 
 
-def _bounds(constraint: Constraint) -> tuple[float, float] | None:
-    if constraint == "unit":
-        return (0.0, 1.0)
+def _bounds(constraint: Constraint) -> tuple[float, float]:
+    """The interval of a "unit" or (low, high) constraint."""
     if isinstance(constraint, tuple):
         return constraint
-    return None
+    return (0.0, 1.0)
 
 
 def _check_constraint(constraint: Constraint, name: str) -> None:
@@ -38,31 +40,52 @@ def _check_constraint(constraint: Constraint, name: str) -> None:
     if (
         isinstance(constraint, tuple)
         and len(constraint) == 2
-        and all(isinstance(b, (int, float)) for b in constraint)
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in constraint)
+        and all(math.isfinite(b) for b in constraint)
         and constraint[0] < constraint[1]
     ):
         return
-    raise ValueError(
+    raise ArgumentError(
+        "constraint",
         f"Invalid constraint for meta-parameter '{name}': {constraint!r} (expected None, "
-        "'positive', 'unit' or a pair (low, high) with low < high)"
+        "'positive', 'unit' or a pair (low, high) of finite numbers with low < high; for a "
+        "value with no upper bound use 'positive')",
     )
+
+
+def _check_init(init: Any, name: str) -> None:
+    def ok(v: Any) -> bool:
+        if isinstance(v, Tensor):
+            return not v.is_complex() and v.dtype != torch.bool
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    values = init.values() if isinstance(init, Mapping) else [init]
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        raise ArgumentError(
+            "init",
+            f"Invalid init for meta-parameter '{name}': expected a real number, a real tensor "
+            f"or a mapping from parameter name to either, got {type(bad[0]).__name__} "
+            f"{bad[0]!r}",
+        )
 
 
 def _to_unconstrained(value: Tensor, constraint: Constraint, name: str) -> Tensor:
     """Inverse of `_to_constrained`, checking that `value` lies strictly inside the domain."""
     value = value.detach()
     if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"Initial value of meta-parameter '{name}' must be finite")
+        raise ArgumentError("init", f"Initial value of meta-parameter '{name}' must be finite")
     if constraint is None:
         return value.clone()
     if constraint == "positive":
         if not bool((value > 0).all()):
-            raise ValueError(f"Initial value of meta-parameter '{name}' must be > 0")
+            raise ArgumentError("init", f"Initial value of meta-parameter '{name}' must be > 0")
         return value.log()
     low, high = _bounds(constraint)
     if not bool(((value > low) & (value < high)).all()):
-        raise ValueError(
-            f"Initial value of meta-parameter '{name}' must lie strictly inside ({low}, {high})"
+        raise ArgumentError(
+            "init",
+            f"Initial value of meta-parameter '{name}' must lie strictly inside ({low}, {high})",
         )
     return torch.logit((value - low) / (high - low))
 
@@ -147,19 +170,20 @@ class MetaParameters(nn.Module):
             self, so calls can be chained.
         """
         if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"Invalid meta-parameter name {name!r}: must be an identifier")
+            raise ArgumentError(
+                "name", f"Invalid meta-parameter name {name!r}: must be an identifier"
+            )
         if name in self._entries or hasattr(self, name):
-            raise ValueError(f"meta-parameter '{name}' already exists")
-        if scope not in _SCOPES:
-            raise ValueError(f"Invalid scope for meta-parameter '{name}': {scope!r} ({_SCOPES})")
+            raise ArgumentError("name", f"meta-parameter '{name}' already exists")
+        check_choice(scope, "scope", _SCOPES)
         _check_constraint(constraint, name)
-        if steps is not None and (
-            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
-        ):
-            raise ValueError(f"Invalid steps for meta-parameter '{name}': {steps!r} (int >= 1)")
+        _check_init(init, name)
+        check_count(steps, "steps", allow_none=True)
         if scope != "scalar":
             if not isinstance(params, Mapping) or not params:
-                raise ValueError(f"meta-parameter '{name}' with scope '{scope}' needs params")
+                raise ArgumentError(
+                    "params", f"meta-parameter '{name}' with scope '{scope}' needs params"
+                )
             names = tuple(params)
         else:
             names = ()
@@ -172,16 +196,19 @@ class MetaParameters(nn.Module):
             if t.dim() == 0 or t.shape == shape[len(lead) :]:
                 t = t.expand(shape)
             if t.shape != shape:
-                raise ValueError(
+                raise ArgumentError(
+                    "init",
                     f"Initial value of meta-parameter '{what}' has shape {tuple(t.shape)}, "
-                    f"expected {shape}"
+                    f"expected {shape}",
                 )
             return _to_unconstrained(t.clone(), constraint, what)
 
         def pick(pname: str) -> Any:
             if isinstance(init, Mapping):
                 if pname not in init:
-                    raise ValueError(f"Initial value of meta-parameter '{name}' misses '{pname}'")
+                    raise ArgumentError(
+                        "init", f"Initial value of meta-parameter '{name}' misses '{pname}'"
+                    )
                 return init[pname]
             return init
 
@@ -198,6 +225,7 @@ class MetaParameters(nn.Module):
         else:
             store = nn.ParameterDict()
             for pname in names:
+                assert params is not None  # checked above for this scope
                 shape = lead + tuple(params[pname].shape)
                 store[_key(pname)] = nn.Parameter(initial(shape, pick(pname), f"{name}.{pname}"))
             self.add_module(name, store)
@@ -298,6 +326,32 @@ class MetaParameters(nn.Module):
             else:
                 out.update({f"{name}/{p}": float(values[i]) for i, p in enumerate(entry.names)})
         return out
+
+    def histograms(self) -> dict[str, Tensor]:
+        """Per-element entries' current values (detached), keyed `name/param_name`.
+
+        A per-step entry gives the values of its last step. For logging as histograms.
+        """
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, entry in self._entries.items():
+                if entry.scope != "per_element":
+                    continue
+                step = None if entry.steps is None else entry.steps - 1
+                out.update({f"{name}/{p}": v for p, v in self._value(name, step).items()})
+        return out
+
+    def schedules(self) -> dict[str, Tensor]:
+        """Per-step scalar and per-layer entries as `schedule(name)` tensors, keyed by name."""
+        return {
+            name: self.schedule(name)
+            for name, e in self._entries.items()
+            if e.steps is not None and e.scope != "per_element"
+        }
+
+    def scope(self, name: str) -> str:
+        """The scope of entry `name` ("scalar", "per_layer" or "per_element")."""
+        return self._entries[name].scope
 
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call `fn(self, *args, **kwargs)`.

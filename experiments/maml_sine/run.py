@@ -50,7 +50,7 @@ def build(method: str, args: argparse.Namespace) -> tuple[MetaLearner, torch.opt
     groups = [{"params": list(model.parameters()), "lr": args.outer_lr}]
     if method == "metasgd":
         # The learning rates are stored as logs: a larger outer step lets them move.
-        groups.append({"params": list(algo.log_lr.parameters()), "lr": args.lr_outer_lr})
+        groups.append({"params": list(algo.meta.parameters()), "lr": args.lr_outer_lr})
     return algo, torch.optim.Adam(groups)
 
 

@@ -15,6 +15,9 @@ __all__ = ["TensorBoardLogger", "NullLogger", "Logger"]
 class NullLogger:
     """A logger that keeps nothing (the console and Hydra's log file still report the run)."""
 
+    #: Whether event files are written (and a dashboard command is worth printing).
+    writes_events = False
+
     def __init__(
         self,
         run_dir: str | Path | None = None,
@@ -90,6 +93,7 @@ class TensorBoardLogger(NullLogger):
         from torch.utils.tensorboard import SummaryWriter
 
         super().__init__(run_dir)
+        self.writes_events = True
         self.writer = SummaryWriter(str(run_dir), purge_step=purge_step, flush_secs=flush_secs)
         self.histogram_every = histogram_every
         self.figure_every = figure_every

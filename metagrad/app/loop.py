@@ -1,28 +1,37 @@
 """The outer training loop: steps, validation, logging, checkpoints and non-finite handling.
 
 The loop is a plain function over a `Job` (what one outer step does) and a logger, so it can be
-tested without Hydra. It is the only place that writes to TensorBoard.
+tested without Hydra. It is the only place that writes to TensorBoard. A stop request (a
+signal) ends it after the current outer step, with a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import save_checkpoint
+from .jobs.base import Job, StepOutcome
 from .logger import NullLogger
 
-__all__ = ["Job", "StepOutcome", "LoopResult", "NonFiniteError", "run_loop", "resume_state"]
+__all__ = [
+    "Interrupted",
+    "Job",
+    "LoopResult",
+    "NonFiniteError",
+    "StepOutcome",
+    "resume_state",
+    "run_loop",
+]
 
 log = logging.getLogger("metagrad.train")
 
@@ -31,51 +40,18 @@ class NonFiniteError(RuntimeError):
     """Too many outer steps in a row had a non-finite meta-gradient or loss."""
 
 
-@dataclass
-class StepOutcome:
-    """What one outer step reports.
+class Interrupted(Exception):  # noqa: N818 (a stop the user asked for, not a failure)
+    """The loop stopped early on request (a signal) after writing a checkpoint.
 
     Attributes:
-        metrics: scalars to log (`outer/loss`, `inner/loss`, `hypergrad/norm`, ...).
-        finite: False when the meta-gradient or loss was NaN/Inf and the update was skipped.
-        reason: why the step was skipped.
+        step: the outer steps done (and checkpointed).
+        signum: the signal that asked for the stop.
     """
 
-    metrics: dict[str, float]
-    finite: bool = True
-    reason: str = ""
-
-
-class Job(Protocol):
-    """One kind of outer loop (hyperparameter gradients, online HD, few-shot meta-learning)."""
-
-    def step(self, index: int) -> StepOutcome:
-        """Run outer step `index` (0-based) and update the meta-parameters if finite."""
-        ...
-
-    def evaluate(self, final: bool = False) -> dict[str, float]:
-        """Validation metrics (and test metrics when `final`), tags as keys."""
-        ...
-
-    def meta_scalars(self) -> dict[str, float]:
-        """Current values of learnable hyperparameters, `meta/`-prefixed tags as keys."""
-        ...
-
-    def meta_tensors(self) -> dict[str, Tensor]:
-        """Per-element meta-parameters, for histograms."""
-        ...
-
-    def meta_schedules(self) -> dict[str, Tensor]:
-        """Learned per-step schedules, for charts."""
-        ...
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly (tensors and plain data only)."""
-        ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from `state_dict()`."""
-        ...
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"stopped after outer step {step}")
+        self.step = step
+        self.signum = signum
 
 
 @dataclass
@@ -107,6 +83,8 @@ def run_loop(
     progress: bool = False,
     start: Mapping[str, Any] | None = None,
     checkpoint_extra: Mapping[str, Any] | None = None,
+    stop: Callable[[], int | None] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
 ) -> LoopResult:
     """Run outer steps until `outer_steps`, logging each with the outer step count (1-based).
 
@@ -121,9 +99,17 @@ def run_loop(
         progress: show a progress bar with the current losses.
         start: loop counters from `resume_state` (None: a fresh run).
         checkpoint_extra: more plain data to store in every checkpoint (e.g. the config).
+        stop: returns a signal number once a stop was requested (else None); the loop then
+            writes a checkpoint after the current step and raises `Interrupted`.
+        save: writes a checkpoint payload (default: `save_checkpoint(checkpoint_path, ...)`
+            with the RNG state); a distributed run passes one that every process calls.
 
     Returns:
         The final metrics (`job.evaluate(final=True)`) and counts.
+
+    Raises:
+        Interrupted: a stop was requested; the checkpoint holds every finished step.
+        NonFiniteError: `max_nonfinite` outer steps in a row were skipped.
     """
     logger = logger or NullLogger()
     counters = dict(start or {"step": 0, "nonfinite_total": 0, "nonfinite_in_a_row": 0})
@@ -153,6 +139,8 @@ def run_loop(
             max_nonfinite,
             progress,
             checkpoint_extra,
+            stop or (lambda: None),
+            save,
         )
 
 
@@ -168,6 +156,8 @@ def _run(
     max_nonfinite: int,
     progress: bool,
     checkpoint_extra: Mapping[str, Any] | None,
+    stop: Callable[[], int | None],
+    save: Callable[[dict[str, Any]], None] | None,
 ) -> LoopResult:
     first = counters["step"]
     if first == 0:
@@ -186,6 +176,9 @@ def _run(
             counters["nonfinite_in_a_row"] += 1
             log.warning("outer step %d skipped: %s", step, outcome.reason)
         metrics["outer/skipped_total"] = counters["nonfinite_total"]
+        for note in outcome.notes:
+            log.warning("outer step %d: %s", step, note)
+            logger.text("warnings", f"outer step {step}: {note}")
         logger.scalars(metrics, step)
         _log_meta(job, logger, step, force_figure=False, final=step == outer_steps)
         if progress:
@@ -206,15 +199,23 @@ def _run(
             shown = ", ".join(f"{k} {v:.4g}" for k, v in {**losses, **val}.items())
             log.info("outer step %d/%d: %s", step, outer_steps, shown)
         counters["step"] = step
-        if (
-            checkpoint_path is not None
-            and checkpoint_every
-            and (step % checkpoint_every == 0 or step == outer_steps)
+        signum = stop()
+        if (checkpoint_path is not None or save is not None) and (
+            signum is not None
+            or (checkpoint_every and (step % checkpoint_every == 0 or step == outer_steps))
         ):
             payload = {**(checkpoint_extra or {}), "job": job.state_dict(), "loop": dict(counters)}
-            payload["torch_rng"] = torch.get_rng_state()
-            save_checkpoint(checkpoint_path, payload)
+            if save is not None:
+                save(payload)
+            else:
+                payload["torch_rng"] = torch.get_rng_state()
+                assert checkpoint_path is not None
+                save_checkpoint(checkpoint_path, payload)
             logger.flush()
+        if signum is not None and step < outer_steps:
+            bar.close()
+            logger.flush()
+            raise Interrupted(step, signum)
     bar.close()
     final = job.evaluate(final=True)
     logger.scalars({f"final/{k.replace('/', '_')}": v for k, v in final.items()}, outer_steps)

@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -35,6 +35,7 @@ __all__ = [
     "detach_tree",
     "inner_steps",
     "meta_gradients",
+    "package",
     "start",
     "zero_unused",
 ]
@@ -89,7 +90,7 @@ class InnerRun:
 class Estimate(NamedTuple):
     """What `Estimator.estimate` hands back to be packaged into a `HypergradResult`."""
 
-    grads: dict[str, Tensor | None]
+    grads: Mapping[str, Tensor | None]
     outer_loss: Tensor
     run: InnerRun
     metrics: dict[str, float]
@@ -108,25 +109,49 @@ class Estimator:
         """Run the inner problem and compute the meta-gradients (None where unused)."""
         raise NotImplementedError
 
+    def live_steps(self, steps: int) -> int:
+        """How many inner steps' graphs this estimator holds at once for a horizon of `steps`
+        (a saved boundary state counts as one): its memory scaling, for resource estimates."""
+        return steps
+
     def __call__(self, problem: InnerProblem, meta: MetaParameters) -> HypergradResult:
         started = time.perf_counter()
-        grads, outer_loss, run, metrics = self.estimate(problem, meta)
-        grads = zero_unused(grads, dict(meta.named_parameters()))
-        norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
-        base = {
-            "outer/loss": float(outer_loss.detach()),
-            "hypergrad/norm": norm,
-            "hypergrad/seconds": time.perf_counter() - started,
-        }
-        if run.last_loss is not None:
-            base["inner/loss"] = float(run.last_loss.detach())
-        base.update(metrics)
-        return HypergradResult(
-            grads={n: g.detach() for n, g in grads.items()},
-            outer_loss=outer_loss.detach(),
-            params={n: p.detach() for n, p in run.params.items()},
-            metrics=base,
-        )
+        return package(self.estimate(problem, meta), meta, started)
+
+
+def package(
+    estimate: Estimate,
+    meta: MetaParameters,
+    started: float,
+    extra: Mapping[str, float] | None = None,
+    result_type: type[HypergradResult] = HypergradResult,
+    **fields: Any,
+) -> Any:
+    """An estimate as a `result_type` (detached), with the standard metrics.
+
+    Missing gradients become zeros (with one warning naming them); the metrics are
+    `outer/loss`, `hypergrad/norm`, `hypergrad/seconds`, `inner/loss`, then `extra`, then the
+    estimator's own. `fields` are further fields of `result_type`.
+    """
+    found, loss, run, metrics = estimate
+    grads = zero_unused(found, dict(meta.named_parameters()))
+    norm = math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values()))
+    base = {
+        "outer/loss": float(loss.detach()),
+        "hypergrad/norm": norm,
+        "hypergrad/seconds": time.perf_counter() - started,
+    }
+    if run.last_loss is not None:
+        base["inner/loss"] = float(run.last_loss.detach())
+    base.update(extra or {})
+    base.update(metrics)
+    return result_type(
+        grads={n: g.detach() for n, g in grads.items()},
+        outer_loss=loss.detach(),
+        params={n: p.detach() for n, p in run.params.items()},
+        metrics=base,
+        **fields,
+    )
 
 
 def _check_finite(loss: Tensor, step: int, steps: int) -> None:
@@ -170,6 +195,7 @@ def inner_steps(
     *,
     create_graph: bool = True,
     track: bool = True,
+    functional: bool = False,
 ) -> InnerRun:
     """Run inner steps `steps` (indices into the horizon) from `run`: the one inner loop.
 
@@ -179,6 +205,11 @@ def inner_steps(
             state and takes the optimizer step without graph (the untracked prefix of
             truncated methods, the forward pass of checkpointed ones, evaluation runs), so
             memory stays flat. Untracked steps are outside any differentiated path by design.
+        functional: take the inner gradients with `torch.func.grad` instead of
+            `torch.autograd.grad`, so that the loop runs under `torch.func.vmap` (the
+            particles of `PES`); params need not require grad. The per-step finite check
+            (one `.item()`, which vmap cannot run) is then left to the caller, who checks the
+            returned `last_loss`.
 
     Raises:
         NonFiniteLossError: the inner loss is NaN or infinite; the message names the step.
@@ -190,11 +221,20 @@ def inner_steps(
     reuse = getattr(meta, "reuse_values", contextlib.nullcontext)
     with reuse():
         for t in steps:
-            if not track:
-                params = as_leaves(detach_tree(params))
-            loss = problem.inner_loss(params, meta, problem.batch(t))
-            _check_finite(loss, t, problem.steps)
-            grads = inner_grads(loss, params, create_graph=create_graph and track)
+            if functional:
+                if not track:
+                    params = detach_tree(params)
+                second_order = track and create_graph
+                at = params if second_order else detach_tree(params)
+                grads, loss = _functional_grads(problem, meta, at, problem.batch(t))
+                if not second_order:
+                    grads = detach_tree(grads)
+            else:
+                if not track:
+                    params = as_leaves(detach_tree(params))
+                loss = problem.inner_loss(params, meta, problem.batch(t))
+                _check_finite(loss, t, problem.steps)
+                grads = inner_grads(loss, params, create_graph=create_graph and track)
             if track:
                 params, state = problem.optimizer(meta, t).step(params, grads, state)
             else:
@@ -204,6 +244,21 @@ def inner_steps(
     if not track:
         params = detach_tree(params)
     return InnerRun(params, state, loss)
+
+
+def _functional_grads(
+    problem: InnerProblem, meta: MetaParameters, params: Params, batch: Any
+) -> tuple[Params, Tensor]:
+    """The inner gradients and loss by `torch.func.grad` (works under `torch.func.vmap`)."""
+
+    def loss_of(p: Params) -> tuple[Tensor, Tensor]:
+        loss = problem.inner_loss(p, meta, batch)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss must be a scalar tensor, got {shape}")
+        return loss, loss
+
+    return torch.func.grad(loss_of, has_aux=True)(dict(params))
 
 
 def outer_loss(problem: InnerProblem, meta: MetaParameters, params: Params) -> Tensor:
@@ -217,7 +272,7 @@ def outer_loss(problem: InnerProblem, meta: MetaParameters, params: Params) -> T
 
 def meta_gradients(
     loss: Tensor, meta: MetaParameters, *, retain_graph: bool = False
-) -> dict[str, Tensor | None]:
+) -> Mapping[str, Tensor | None]:
     """Gradient of `loss` for every meta-parameter (None where the loss does not use it)."""
     named = dict(meta.named_parameters())
     grads = torch.autograd.grad(
@@ -226,7 +281,9 @@ def meta_gradients(
     return dict(zip(named, grads, strict=True))
 
 
-def zero_unused(grads: dict[str, Tensor | None], named: dict[str, Tensor]) -> dict[str, Tensor]:
+def zero_unused(
+    grads: Mapping[str, Tensor | None], named: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """Replace missing gradients by zeros and warn once, naming the meta-parameters."""
     unused = [n for n, g in grads.items() if g is None]
     if unused:
@@ -234,6 +291,6 @@ def zero_unused(grads: dict[str, Tensor | None], named: dict[str, Tensor]) -> di
             f"meta-parameters {unused} do not affect the outer loss through the steps this "
             "method differentiates (a learned init under Truncated or Implicit, for instance); "
             "their gradient is zero",
-            stacklevel=3,
+            stacklevel=4,
         )
     return {n: torch.zeros_like(named[n]) if g is None else g for n, g in grads.items()}

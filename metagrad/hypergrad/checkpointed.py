@@ -70,6 +70,10 @@ class Checkpointed(Estimator):
             return max(1, round(math.sqrt(steps)))
         return min(self.segment, steps)
 
+    def live_steps(self, steps: int) -> int:
+        segment = self.segment_for(steps)
+        return segment + -(-steps // segment)
+
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         steps = problem.steps
         segment = self.segment_for(steps)
@@ -96,10 +100,13 @@ class Checkpointed(Estimator):
         adjoint: list[Tensor | None] = []
         for i in reversed(range(len(starts))):
             b, end = starts[i], min(starts[i] + segment, steps)
+            inputs: list[Tensor] = []
             if i == 0:
-                source, inputs = initial, []
+                source = initial
             else:
-                source, inputs = _as_inputs(boundaries[i])
+                saved = boundaries[i]
+                assert saved is not None
+                source, inputs = _as_inputs(saved)
             boundaries[i] = None  # free it as we go
             out = inner_steps(problem, meta, source, range(b, end))
             if i == len(starts) - 1:
@@ -124,11 +131,12 @@ class Checkpointed(Estimator):
                     outputs, inputs + meta_tensors, cotangents, allow_unused=True
                 )
             else:
-                found = (None,) * (len(inputs) + len(meta_tensors))
+                found = (None,) * (len(inputs) + len(meta_tensors))  # type: ignore[assignment]
             adjoint = list(found[: len(inputs)])
             for j, g in enumerate(found[len(inputs) :]):
                 if g is not None:
-                    totals[j] = g if totals[j] is None else totals[j] + g
+                    total = totals[j]
+                    totals[j] = g if total is None else total + g
 
         grads = dict(zip(named, totals, strict=True))
         return Estimate(grads, loss, final, {"hypergrad/segment": segment})

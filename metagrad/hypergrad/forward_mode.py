@@ -88,6 +88,9 @@ class ForwardMode(Estimator):
     def __post_init__(self) -> None:
         check_count(self.max_directions, "max_directions")
 
+    def live_steps(self, steps: int) -> int:
+        return 1
+
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         named = dict(meta.named_parameters())
         total = sum(p.numel() for p in named.values())
@@ -129,6 +132,7 @@ class ForwardMode(Estimator):
             else:
                 values = [torch.zeros((), dtype=p.dtype) if t is None else t for t in found]
                 grads[name] = torch.stack(values).view_as(p)
+        assert outer_loss is not None and run is not None
         return Estimate(grads, outer_loss, run, {"hypergrad/directions": float(total)})
 
     def _directional(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,13 +10,17 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from .._checks import Params, dot
+from .._checks import Params, check_number, dot
 from ..meta_params import MetaParameters
 from ..problem import InnerProblem
 from .base import Estimate, Estimator, NonFiniteLossError, inner_steps, outer_loss, start
 from .solvers import check_solver, solve_linear
 
-__all__ = ["Implicit"]
+__all__ = ["Implicit", "ImplicitBiasWarning"]
+
+
+class ImplicitBiasWarning(UserWarning):
+    """`Implicit`'s result may be biased: the run is far from an optimum or the solve failed."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ class Implicit(Estimator):
             Hessian usable at the price of bias.
         step_size: step of the Neumann and fixed-point iterations.
         tol: early stopping tolerance for "cg" and "fixed_point" (None: run all iterations).
+        warn_grad_norm: warn (`ImplicitBiasWarning`) when the inner gradient norm at the final
+            params exceeds this: the run is far from the stationary point the theorem needs.
+        warn_residual: warn when the solve's relative residual exceeds this.
     """
 
     solver: str = "cg"
@@ -74,14 +82,21 @@ class Implicit(Estimator):
     damping: float = 0.0
     step_size: float = 0.1
     tol: float | None = None
+    warn_grad_norm: float = 1e-2
+    warn_residual: float = 1e-2
 
     def __post_init__(self) -> None:
         check_solver(
             self.solver, self.iters, self.damping, self.step_size, self.tol, method_arg="solver"
         )
+        check_number(self.warn_grad_norm, "warn_grad_norm", 0.0)
+        check_number(self.warn_residual, "warn_residual", 0.0)
+
+    def live_steps(self, steps: int) -> int:
+        return 1
 
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
-        named = dict(meta.named_parameters())
+        named: dict[str, Tensor] = dict(meta.named_parameters())
         _refuse_optimizer_hyperparameters(problem, meta, named)
 
         run = start(problem, meta, track=False)
@@ -152,7 +167,7 @@ class Implicit(Estimator):
                 allow_unused=True,
             )
         else:
-            mixed = (None,) * len(metas)
+            mixed = (None,) * len(metas)  # type: ignore[assignment]
 
         raw: dict[str, Tensor | None] = {}
         for name, d, m in zip(named, direct, mixed, strict=True):
@@ -164,7 +179,32 @@ class Implicit(Estimator):
                 raw[name] = -m
             else:
                 raw[name] = d - m
-        metrics = {"implicit/residual": rel_residual, "implicit/inner_grad_norm": inner_grad_norm}
+        far = []
+        if inner_grad_norm > self.warn_grad_norm:
+            far.append(
+                f"the inner gradient norm at the final params is {inner_grad_norm:.3g} (above "
+                f"{self.warn_grad_norm:g}): the run did not reach a stationary point"
+            )
+        if rel_residual > self.warn_residual:
+            far.append(
+                f"the linear solve's relative residual is {rel_residual:.3g} (above "
+                f"{self.warn_residual:g})"
+            )
+        if far:
+            warnings.warn(
+                "Implicit: "
+                + "; ".join(far)
+                + ". The hypergradient may be far from the true one. Run the inner loop longer "
+                "or on the full batch (InnerProblem.implicit_batch), raise iters, add damping, "
+                "or use an unrolled estimator (Unrolled, Checkpointed)",
+                ImplicitBiasWarning,
+                stacklevel=3,
+            )
+        metrics = {
+            "implicit/residual": rel_residual,
+            "implicit/inner_grad_norm": inner_grad_norm,
+            "implicit/trusted": 0.0 if far else 1.0,
+        }
         return Estimate(raw, loss, run, metrics)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -127,12 +128,18 @@ class MixedMode(Estimator):
             return max(1, round(math.sqrt(steps)))
         return min(self.segment, steps)
 
+    def live_steps(self, steps: int) -> int:
+        # Boundaries and saved steps (each smaller than a step's graph: counted as one) and the
+        # one step whose second-order graph exists during the sweep.
+        segment = self.segment_for(steps)
+        return segment + -(-steps // segment) + 1
+
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         steps = problem.steps
         segment = self.segment_for(steps)
         starts = list(range(0, steps, segment))
         named = dict(meta.named_parameters())
-        meta_tensors = list(named.values())
+        meta_tensors: list[Tensor] = list(named.values())
 
         # Forward pass without graph: boundaries of all segments but the last, which is
         # rerun (its steps saved) at once.
@@ -164,7 +171,10 @@ class MixedMode(Estimator):
         for i in reversed(range(len(starts))):
             b, end = starts[i], min(starts[i] + segment, steps)
             if i < len(starts) - 1:
-                saved, _ = _rerun(problem, meta, boundaries[i], range(b, end))
+                boundary = boundaries[i]
+                if boundary is None:
+                    raise RuntimeError(f"segment {i} was swept twice")
+                saved, _ = _rerun(problem, meta, boundary, range(b, end))
                 boundaries[i] = None
                 stored = max(stored, _held(boundaries) + _saved_bytes(saved))
             for t in reversed(range(b, end)):
@@ -212,6 +222,7 @@ class MixedMode(Estimator):
             if a is not None and o.requires_grad
         ]
         inputs = saved.params + saved.state + saved.grads + saved.hyper
+        found: Sequence[Tensor | None]
         if pairs:  # the vector-Jacobian product of the element-wise update rule
             found = torch.autograd.grad(
                 [o for o, _ in pairs], inputs, [a for _, a in pairs], allow_unused=True

@@ -39,7 +39,8 @@ class _Ints:
             use_numpy = device.type == "cpu" and dtype in (torch.float32, torch.float64)
         self.numpy = use_numpy
         self.device = device
-        self.float = torch.empty((), dtype=dtype).numpy().dtype if use_numpy else dtype
+        self.dtype = dtype
+        self.np_float = torch.empty((), dtype=dtype).numpy().dtype if use_numpy else None
 
     def array(self, x: Tensor) -> Any:
         """A backend array of `x` (no copy for a contiguous CPU tensor)."""
@@ -65,9 +66,9 @@ class _Ints:
 
     def to_float(self, a: Any, scale: float) -> Any:
         """`a * scale` in the params' float type (`scale` a power of two: exact)."""
-        if self.numpy:
-            return a.astype(self.float) * self.float.type(scale)
-        return a.to(self.float) * scale
+        if self.np_float is not None:
+            return a.astype(self.np_float) * self.np_float.type(scale)
+        return a.to(self.dtype) * scale
 
     def to_double(self, a: Any) -> Any:
         return a.astype(np.float64) if self.numpy else a.double()
@@ -397,14 +398,15 @@ class FixedPointSGD:
         scale = 2**self.momentum_bits
         ratios: list[int | Tensor] = []
         for name, mu in zip(self.names, resolved["momentum"], strict=True):
+            n: int | Tensor
             if isinstance(mu, Tensor):
-                n = torch.round(mu.detach().double() * scale).to(torch.int64)
-                bad = not bool((n >= 1).all())
-                if n.dim() == 0:
-                    n = int(n)  # a number: division by a constant is much faster
+                rounded = torch.round(mu.detach().double() * scale).to(torch.int64)
+                bad = not bool((rounded >= 1).all())
+                # a 0-d value becomes a number: division by a constant is much faster
+                n = int(rounded) if rounded.dim() == 0 else rounded
             else:
                 n = round(mu * scale)
-                bad = n < 1
+                bad = bool(n < 1)
             if bad:
                 raise ValueError(
                     f"Reversible: the momentum for parameter '{name}' rounds to 0 at "
@@ -418,8 +420,9 @@ class FixedPointSGD:
             lost = float((self.momentum_bits - torch.log2(ratio.double())).sum())
             ratio_min, ratio_max = int(ratio.min()), int(ratio.max())
             ratio = self.ints.array(ratio)
-            if all(isinstance(n, int) for n in ratios):  # one number per segment
-                ratio = _Ratio(ratio, ratios, self.segments)
+            numbers = [n for n in ratios if isinstance(n, int)]
+            if len(numbers) == len(ratios):  # one number per segment
+                ratio = _Ratio(ratio, numbers, self.segments)
         else:
             momentum = ratio / scale
             lost = sum(self.sizes) * (self.momentum_bits - math.log2(ratio))
@@ -596,10 +599,16 @@ class Reversible(Estimator):
         if self.momentum_bits > 24:
             raise ValueError(f"Invalid momentum_bits: {self.momentum_bits} (must be <= 24)")
 
+    def live_steps(self, steps: int) -> int:
+        # One step's second-order graph, and the int64 weights, velocities and buffer (about
+        # one more); the buffer's growth (log2(1/momentum) bits per parameter and step) is
+        # small against a step's graph for any horizon the application runs.
+        return 2
+
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         steps = problem.steps
         named = dict(meta.named_parameters())
-        meta_tensors = list(named.values())
+        meta_tensors: list[Tensor] = list(named.values())
 
         # Forward: the run in fixed point, without graph.
         initial = start(problem, meta)  # keeps the graph from meta into the initial params
@@ -645,11 +654,11 @@ class Reversible(Estimator):
         b_next = engine.float_velocity()
         with meta.reuse_values():
             for t in reversed(range(steps)):
-                hypers = layouts.pop()
-                if hypers is None:
-                    hypers = engine.hypers(check_reversible(problem.optimizer(meta, t), t))
+                layout = layouts.pop()
+                if layout is None:
+                    layout = engine.hypers(check_reversible(problem.optimizer(meta, t), t))
                 w_bar, b_bar, b_next = self._step_back(
-                    problem, meta, engine, hypers, t, w_bar, b_bar, b_next, hyper_grads
+                    problem, meta, engine, layout, t, w_bar, b_bar, b_next, hyper_grads
                 )
                 if t % 64 == 0:
                     hyper_grads.flush()
@@ -680,7 +689,7 @@ class Reversible(Estimator):
                             allow_unused=True,
                         )
                     )
-            grads = dict(zip(named, totals.result(), strict=True))
+            meta_grads = dict(zip(named, totals.result(), strict=True))
 
         numel = sum(engine.sizes)
         itemsize = torch.empty((), dtype=engine.dtype).element_size()
@@ -690,7 +699,7 @@ class Reversible(Estimator):
             "reversible/lost_bits_per_param_step": engine.lost_bits / (numel * steps),
             "reversible/trajectory_bytes": float(2 * steps * numel * itemsize),
         }
-        return Estimate(grads, loss, final, metrics)
+        return Estimate(meta_grads, loss, final, metrics)
 
     def _step_back(
         self,
@@ -732,7 +741,9 @@ class Reversible(Estimator):
                     hyper_grads.add("weight_decay", groups, total_b, flat, 1.0)
                     direct = _add_scaled(direct, hypers.weight_decay, total_b)
             out.update(direct=direct, previous=previous)
-            return {} if total_b is None else engine.unflat(total_b)
+            if total_b is None:
+                return {}
+            return {n: v for n, v in engine.unflat(total_b).items()}
 
         hv, meta_hv = hessian_vector(
             problem,
@@ -746,7 +757,10 @@ class Reversible(Estimator):
         )
         hyper_grads.totals.add_meta(meta_hv)
         w_prev = add_into(out["direct"], _flat_or_none(engine, hv))
-        return w_prev, out["previous"], out["velocity"]
+        velocity = out["velocity"]
+        if velocity is None:  # the loss was evaluated, so the velocity was reversed
+            raise RuntimeError(f"inner step {t} was not reversed")
+        return w_prev, out["previous"], velocity
 
 
 def _sub_scaled(x: Tensor | None, scale: float | Tensor, y: Tensor) -> Tensor:
@@ -767,13 +781,15 @@ def _add_scaled(x: Tensor | None, scale: float | Tensor, y: Tensor) -> Tensor:
     return torch.add(x, y, alpha=scale)
 
 
+def _or_zeros(engine: FixedPointSGD, name: str, x: Tensor | None) -> Tensor:
+    return engine.zeros(name) if x is None else x
+
+
 def _flat_or_none(engine: FixedPointSGD, tensors: dict[str, Tensor | None]) -> Tensor | None:
     """The flat vector of `tensors` (None entries as zeros), or None if all are None."""
     if all(x is None for x in tensors.values()):
         return None
-    return engine.flat(
-        {n: engine.zeros(n) if tensors.get(n) is None else tensors[n] for n in engine.names}
-    )
+    return engine.flat({n: _or_zeros(engine, n, tensors.get(n)) for n in engine.names})
 
 
 class _HyperGrads:
@@ -815,10 +831,10 @@ class _HyperGrads:
             value = group.value
             pieces = [summed[o : o + n] for o, n in (segments[j] for j in group.segments)]
             if value.dim() == 0:
-                if len(group.segments) == len(segments):
-                    grad = summed.sum()
-                else:
-                    grad = sum(piece.sum() for piece in pieces)
+                whole = len(group.segments) == len(segments)
+                grad = summed.sum() if whole else torch.stack([p.sum() for p in pieces]).sum()
             else:
-                grad = sum(piece.view(value.shape) for piece in pieces)
+                grad = pieces[0].view(value.shape)
+                for piece in pieces[1:]:
+                    grad = grad + piece.view(value.shape)
             self.totals.add(value, grad.to(value.dtype))

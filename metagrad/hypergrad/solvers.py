@@ -40,17 +40,19 @@ def check_solver(
     tol: float | None,
     *,
     method_arg: str = "method",
+    iters_arg: str = "iters",
 ) -> None:
     """Validate the arguments of `solve_linear` (also used by the estimators that call it).
 
     Args:
-        method_arg: the name the caller gives the method argument ("solver" for `Implicit`).
+        method_arg, iters_arg: the names the caller gives these arguments ("solver" for
+            `Implicit`, "solver_iters" for `iMAML`).
 
     Raises:
         ArgumentError: naming the argument out of range.
     """
     check_choice(method, method_arg, SOLVERS)
-    check_count(iters, "iters")
+    check_count(iters, iters_arg)
     check_number(damping, "damping", 0.0)
     check_number(step_size, "step_size", 0.0, low_open=True)
     check_number(tol, "tol", 0.0, allow_none=True)

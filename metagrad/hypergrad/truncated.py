@@ -43,6 +43,9 @@ class Truncated(Estimator):
     def __post_init__(self) -> None:
         check_count(self.k, "k")
 
+    def live_steps(self, steps: int) -> int:
+        return min(self.k, steps)
+
     def estimate(self, problem: InnerProblem, meta: MetaParameters) -> Estimate:
         steps = problem.steps
         cut = max(steps - self.k, 0)

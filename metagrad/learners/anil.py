@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from .base import LossFn, MetaLearner, OptimizerFactory
+from .._checks import ArgumentError
+from .base import MetaLearner
 
 __all__ = ["ANIL"]
 
@@ -15,33 +18,19 @@ class ANIL(MetaLearner):
     The body's parameters stay at their meta-learned values inside every task and are learned
     by the outer loop only; the head's initialization is meta-learned as in MAML. Inner steps
     are cheaper (gradients only for the head), and the meta-gradient is exact (second order)
-    unless `first_order=True`.
+    unless `first_order=True`. Other arguments are those of `MetaLearner`.
 
     Args:
         model: the whole network.
         head: the name of the submodule that is adapted (as in `model.named_modules()`, e.g.
             "fc" or "4"); default: the last direct child with trainable parameters.
-        Other arguments: those of `MetaLearner`.
 
     Raises:
         ValueError: the head is not a submodule of the model or has no trainable parameters.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn | str = "mse",
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        first_order: bool = False,
-        inner_optim: OptimizerFactory | None = None,
-        vectorize: bool | str = "auto",
-        randomness: str = "different",
-        head: str | None = None,
-    ) -> None:
-        super().__init__(
-            model, loss_fn, inner_lr, inner_steps, first_order, inner_optim, vectorize, randomness
-        )
+    def __init__(self, model: nn.Module, *, head: str | None = None, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
         if head is None:
             with_params = [
                 name
@@ -49,20 +38,24 @@ class ANIL(MetaLearner):
                 if any(p.requires_grad for p in child.parameters())
             ]
             if not with_params:
-                raise ValueError(
+                raise ArgumentError(
+                    "head",
                     "Invalid head: the model has no child module with trainable "
-                    "parameters; name the head explicitly"
+                    "parameters; name the head explicitly",
                 )
             head = with_params[-1]
         modules = dict(model.named_modules())
         if head not in modules or head == "":
-            raise ValueError(
+            raise ArgumentError(
+                "head",
                 f"Invalid head: {head!r} is not a submodule of the model "
-                f"(submodules: {[n for n in modules if n][:10]})"
+                f"(submodules: {[n for n in modules if n][:10]})",
             )
         self.head = head
         if not self.adapted_names():
-            raise ValueError(f"Invalid head: submodule {head!r} has no trainable parameters")
+            raise ArgumentError(
+                "head", f"Invalid head: submodule {head!r} has no trainable parameters"
+            )
 
     def adapted_names(self) -> list[str]:
         prefix = self.head + "."

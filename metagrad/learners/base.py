@@ -12,23 +12,23 @@ parameters instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import inner_grads
+from .._checks import ArgumentError, Params, check_choice, check_count, check_number, detach_tree
+from ..functional import Functional, inner_grads
+from ..meta_params import MetaParameters
 from ..optim import SGD
 from ..optim.base import Optimizer
 from ._vectorize import check_vectorize, map_tasks, report_fallback, vmap_blocker
 
-__all__ = ["MetaLearner", "OptimizerFactory", "LossFn", "resolve_loss"]
+__all__ = ["MetaLearner", "OptimizerFactory", "LossFn", "Plan", "resolve_loss"]
 
-Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: Builds the inner optimizer from its learning rate, e.g. `metagrad.optim.Adam`,
 #: `functools.partial(Adam, betas=(0.0, 0.999))` or `lambda lr: SGD(lr=lr, momentum=0.9)`.
@@ -41,17 +41,16 @@ def resolve_loss(loss_fn: LossFn | str) -> LossFn:
     """A loss callable from a callable or a name ("mse", "cross_entropy")."""
     if isinstance(loss_fn, str):
         if loss_fn not in _LOSSES:
-            raise ValueError(
-                f"Invalid loss_fn: {loss_fn!r} (expected a callable or one of {sorted(_LOSSES)})"
+            raise ArgumentError(
+                "loss_fn",
+                f"Invalid loss_fn: {loss_fn!r} (expected a callable or one of {sorted(_LOSSES)})",
             )
         return _LOSSES[loss_fn]
     if not callable(loss_fn):
-        raise ValueError(f"Invalid loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        raise ArgumentError(
+            "loss_fn", f"Invalid loss_fn: expected a callable, got {type(loss_fn).__name__}"
+        )
     return loss_fn
-
-
-def _detach(params: Mapping[str, Tensor]) -> Params:
-    return {k: v.detach() for k, v in params.items()}
 
 
 @dataclass
@@ -66,7 +65,9 @@ class Plan:
         vectorized: whether the tasks run under `torch.func.vmap`. Inner gradients then come
             from `torch.func.grad`; in a loop, from `torch.autograd.grad`, which computes the
             same numbers faster outside vmap.
-        extra: learner-specific values.
+        explicit_steps: the caller chose the number of steps (an evaluation): the loss is the
+            query loss after the last step, without training-only objectives.
+        step_weights: MAML++'s multi-step loss weights for this pass, or None.
     """
 
     theta: Params
@@ -74,7 +75,8 @@ class Plan:
     lrs: list[Any]
     steps: int
     vectorized: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    explicit_steps: bool = False
+    step_weights: list[float] | None = None
 
 
 class MetaLearner(nn.Module):
@@ -105,9 +107,14 @@ class MetaLearner(nn.Module):
         ValueError: the model has no trainable parameters, or an argument is out of range.
     """
 
+    #: Arguments a learner fixes by construction (Reptile is always first order); passing
+    #: them is refused, and they are not part of its configuration.
+    fixed_arguments: ClassVar[dict[str, Any]] = {}
+
     def __init__(
         self,
         model: nn.Module,
+        *,
         loss_fn: LossFn | str = "mse",
         inner_lr: float = 0.01,
         inner_steps: int = 1,
@@ -118,43 +125,57 @@ class MetaLearner(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
+            raise ArgumentError(
+                "model", f"Invalid model: expected an nn.Module, got {type(model).__name__}"
+            )
         self.model = model
+        self.fmodel = Functional(model)
         self.loss_fn = resolve_loss(loss_fn)
-        if isinstance(inner_lr, bool) or not isinstance(inner_lr, int | float):
-            raise ValueError(f"Invalid inner_lr: expected a number, got {inner_lr!r}")
-        if not (math.isfinite(inner_lr) and inner_lr > 0):
-            raise ValueError(f"Invalid inner_lr: {inner_lr} (must be > 0)")
-        self.inner_lr = float(inner_lr)
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"Invalid inner_steps: {inner_steps!r} (must be an integer >= 1)")
-        self.inner_steps = inner_steps
-        self.first_order = bool(first_order)
+        self.inner_lr = check_number(inner_lr, "inner_lr", 0.0, low_open=True)
+        self.inner_steps = check_count(inner_steps, "inner_steps")
+        self.first_order = bool(self.fixed_arguments.get("first_order", first_order))
         self.inner_optim: OptimizerFactory = SGD if inner_optim is None else inner_optim
         if not callable(self.inner_optim):
-            raise ValueError(
+            raise ArgumentError(
+                "inner_optim",
                 "Invalid inner_optim: expected a callable that takes lr= and returns a "
-                f"metagrad optimizer, got {type(inner_optim).__name__}"
+                f"metagrad optimizer, got {type(inner_optim).__name__}",
             )
         probe = self.inner_optim(lr=self.inner_lr)
         if not isinstance(probe, Optimizer):
-            raise ValueError(
+            raise ArgumentError(
+                "inner_optim",
                 "Invalid inner_optim: inner_optim(lr=...) must return a metagrad.optim "
-                f"optimizer, got {type(probe).__name__}"
+                f"optimizer, got {type(probe).__name__}",
             )
         self.vectorize = check_vectorize(vectorize)
-        if randomness not in ("different", "same", "error"):
-            raise ValueError(
-                f"Invalid randomness: {randomness!r} (expected 'different', 'same' or 'error')"
-            )
-        self.randomness = randomness
+        self.randomness = check_choice(randomness, "randomness", ("different", "same", "error"))
         self._vmap_failed = False
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ArgumentError(
+                "model",
                 "Invalid model: it has no trainable parameters (none requires grad), so there "
-                "is nothing to adapt or meta-learn"
+                "is nothing to adapt or meta-learn",
             )
+        #: Learned hyperparameters of the inner loop (Meta-SGD's and MAML++'s learning rates);
+        #: empty for the others. The model's parameters are the learned initialization.
+        self.meta = MetaParameters()
+
+    @classmethod
+    def refuse_fixed(cls, kwargs: Mapping[str, Any]) -> None:
+        """Refuse arguments this learner fixes by construction (see `fixed_arguments`)."""
+        for arg in cls.fixed_arguments:
+            if arg in kwargs:
+                raise ArgumentError(
+                    arg,
+                    f"{cls.__name__} takes no {arg}: it is {cls.fixed_arguments[arg]} by "
+                    "construction",
+                )
+
+    def adapted_params(self) -> Params:
+        """The model parameters the inner loop adapts, by name."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for n in self.adapted_names()}
 
     # ----------------------------------------------------------------------------- hooks
     def adapted_names(self) -> list[str]:
@@ -172,7 +193,7 @@ class MetaLearner(nn.Module):
     def plan(self, steps: int) -> Plan:
         """Gather the meta-parameter values that every task of one forward pass uses."""
         adapted = set(self.adapted_names())
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        trainable: Params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         theta = {n: p for n, p in trainable.items() if n in adapted}
         shared = {n: p for n, p in trainable.items() if n not in adapted}
         return Plan(theta, shared, [self.inner_lr_at(t) for t in range(steps)], steps)
@@ -194,9 +215,7 @@ class MetaLearner(nn.Module):
         """The model's output with `params`; buffers are copied first, so a BatchNorm layer in
         training mode updates a private copy (its statistics are those of this task's batch).
         """
-        tensors = {k: b.clone() for k, b in buffers.items()}
-        tensors.update(params)
-        return torch.func.functional_call(self.model, tensors, (x,))
+        return self.fmodel(params, x, buffers={k: b.clone() for k, b in buffers.items()})
 
     def support_loss(
         self, plan: Plan, adapted: Params, buffers: Params, x: Tensor, y: Tensor
@@ -235,14 +254,15 @@ class MetaLearner(nn.Module):
         def objective(p: Params, bufs: Params) -> Tensor:
             return self.support_loss(plan, p, bufs, x, y)
 
+        grad_fn: Callable[[Params, Params], Params]
         if plan.vectorized:
             grad_fn = torch.func.grad(objective)
         else:
             grad_fn = _autograd_grad(objective, not first_order and torch.is_grad_enabled())
         for t in range(steps):
-            grads = grad_fn(_detach(params) if first_order else params, buffers)
+            grads = grad_fn(detach_tree(params) if first_order else params, buffers)
             if first_order:
-                grads = _detach(grads)
+                grads = detach_tree(grads)
             optimizer = self.inner_optim(lr=plan.lrs[min(t, len(plan.lrs) - 1)])
             params, state = optimizer.step(params, grads, state)
             if on_step is not None:
@@ -263,8 +283,10 @@ class MetaLearner(nn.Module):
         """Adapt to every task of the meta-batch and return the query loss after adaptation.
 
         Args:
-            support_x, support_y: support sets, [tasks, shots, ...].
-            query_x, query_y: query sets, [tasks, query_shots, ...].
+            support_x: support inputs, [tasks, shots, ...].
+            support_y: support targets, [tasks, shots, ...].
+            query_x: query inputs, [tasks, query_shots, ...].
+            query_y: query targets, [tasks, query_shots, ...].
             steps: inner steps (default: `inner_steps`), e.g. more steps at evaluation time.
                 Given explicitly, the loss is the query loss after the last step (no
                 training-only objective such as MAML++'s multi-step loss).
@@ -280,39 +302,89 @@ class MetaLearner(nn.Module):
         tasks = _check_meta_batch(support_x, support_y, query_x, query_y)
         evaluating = steps is not None
         steps = self._check_steps(steps)
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"Invalid reduction: {reduction!r} (expected 'mean' or 'none')")
+        check_choice(reduction, "reduction", ("mean", "none"))
         plan = self.plan(steps)
-        plan.extra["explicit_steps"] = evaluating
-        buffers = {k: b.expand(tasks, *b.shape) for k, b in self.model.named_buffers()}
-        args = (buffers, support_x, support_y, query_x, query_y)
+        plan.explicit_steps = evaluating
 
         def fn(bufs: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
             return self.task_loss(plan, bufs, sx, sy, qx, qy)
 
+        losses = self._map_tasks(fn, plan, tasks, (support_x, support_y, query_x, query_y))
+        return losses.mean() if reduction == "mean" else losses
+
+    def evaluate(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        *,
+        steps: int | None = None,
+        metric: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-task query loss (and metric) after adapting with `steps` inner steps.
+
+        Evaluation keeps no graph to the meta-parameters (inner gradients are taken first
+        order; the adapted values are the same as in training).
+
+        Args:
+            support_x: support inputs of a meta-batch, as for `forward`.
+            support_y: support targets.
+            query_x: query inputs.
+            query_y: query targets.
+            steps: inner steps (default `inner_steps`); 0 evaluates the initialization itself.
+            metric: `metric(prediction, target) -> scalar`, e.g. accuracy; None for none.
+
+        Returns:
+            The query losses [tasks] and the metric values [tasks] (or None), detached.
+        """
+        tasks = _check_meta_batch(support_x, support_y, query_x, query_y)
+        steps = self._check_steps(steps, allow_zero=True)
+        plan = self.plan(max(steps, 1))
+        plan.explicit_steps = True
+
+        def fn(bufs: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+            adapted = dict(plan.theta)
+            if steps:
+                adapted = self.inner_loop(plan, bufs, sx, sy, first_order=True, steps=steps)
+            prediction = self.call_model({**plan.shared, **adapted}, bufs, qx)
+            loss = self.loss_fn(prediction, qy)
+            value = loss if metric is None else metric(prediction, qy).to(loss.dtype)
+            return torch.stack([loss, value])
+
+        with torch.no_grad():
+            out = self._map_tasks(fn, plan, tasks, (support_x, support_y, query_x, query_y))
+        return out[:, 0], None if metric is None else out[:, 1]
+
+    def _map_tasks(
+        self, fn: Callable[..., Tensor], plan: Plan, tasks: int, sets: tuple[Tensor, ...]
+    ) -> Tensor:
+        """`fn(buffers, *sets)` for each task, vmapped where possible, else in a loop."""
+        buffers = {k: b.expand(tasks, *b.shape) for k, b in self.model.named_buffers()}
+        args = (buffers, *sets)
         if self._use_vmap():
             plan.vectorized = True
             try:
-                losses = map_tasks(fn, args, tasks, vectorize=True, randomness=self.randomness)
+                return map_tasks(fn, args, tasks, vectorize=True, randomness=self.randomness)
             except (RuntimeError, NotImplementedError) as err:
                 if self.vectorize is True:
                     raise
                 # An error the loop raises too is the model's, not vmap's: it propagates, and
                 # later calls still try vmap.
                 plan.vectorized = False
-                losses = map_tasks(fn, args, tasks, vectorize=False)
+                out = map_tasks(fn, args, tasks, vectorize=False)
                 self._vmap_failed = True
                 report_fallback(type(self).__name__, err)
-        else:
-            plan.vectorized = False
-            losses = map_tasks(fn, args, tasks, vectorize=False)
-        return losses.mean() if reduction == "mean" else losses
+                return out
+        plan.vectorized = False
+        return map_tasks(fn, args, tasks, vectorize=False)
 
     def adapt(self, x: Tensor, y: Tensor, steps: int | None = None) -> Params:
         """Adapt to one new task (no task dimension) and return all the model's parameters.
 
         Args:
-            x, y: the task's support set, [shots, ...].
+            x: the task's support inputs, [shots, ...].
+            y: the task's support targets, [shots, ...].
             steps: inner steps; any number, default `inner_steps`.
 
         Returns:
@@ -334,10 +406,7 @@ class MetaLearner(nn.Module):
     def _check_steps(self, steps: int | None, allow_zero: bool = False) -> int:
         if steps is None:
             return self.inner_steps
-        low = 0 if allow_zero else 1
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < low:
-            raise ValueError(f"Invalid steps: {steps!r} (must be an integer >= {low})")
-        return steps
+        return check_count(steps, "steps", 0 if allow_zero else 1)
 
     def _use_vmap(self) -> bool:
         if self.vectorize is False:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from ..hypergrad.solvers import solve_linear
-from .base import LossFn, MetaLearner, OptimizerFactory, Params, Plan, _detach
+from .._checks import check_number, detach_tree
+from ..hypergrad.solvers import check_solver, solve_linear
+from .base import MetaLearner, Params, Plan
 
 __all__ = ["iMAML"]
 
@@ -35,7 +38,12 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
     few solver iterations bias the estimate. The returned value is the mean query loss; its
     gradient is the implicit meta-gradient.
 
+    Other arguments are those of `MetaLearner` (`first_order` does not apply).
+
     Args:
+        model: the network; its trainable parameters are the meta-learned initialization.
+        inner_steps: inner steps per task (default 10): the inner loop should come close to
+            the optimum of the proximal loss, where the implicit gradient is exact.
         lam: proximal strength :math:`\lambda` (> 0); larger keeps :math:`\phi` closer to
             :math:`\theta`.
         solver: "cg" (default; needs :math:`I + H/\lambda` positive definite, i.e. a local
@@ -43,38 +51,34 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
         solver_iters: iterations of the solver (fixed, so it runs under vmap).
         damping: Tikhonov damping added to :math:`I + H/\lambda`.
         step_size: step of the Neumann and fixed-point solvers.
-        Other arguments: those of `MetaLearner` (`first_order` does not apply).
     """
+
+    fixed_arguments: ClassVar[dict[str, Any]] = {"first_order": False}
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn | str = "mse",
-        inner_lr: float = 0.01,
+        *,
         inner_steps: int = 10,
         lam: float = 1.0,
         solver: str = "cg",
         solver_iters: int = 10,
         damping: float = 0.0,
         step_size: float = 0.1,
-        inner_optim: OptimizerFactory | None = None,
-        vectorize: bool | str = "auto",
-        randomness: str = "different",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            model, loss_fn, inner_lr, inner_steps, False, inner_optim, vectorize, randomness
+        self.refuse_fixed(kwargs)
+        super().__init__(model, inner_steps=inner_steps, **kwargs)
+        self.lam = check_number(lam, "lam", 0.0, low_open=True)
+        check_solver(
+            solver,
+            solver_iters,
+            damping,
+            step_size,
+            None,
+            method_arg="solver",
+            iters_arg="solver_iters",
         )
-        if not lam > 0:
-            raise ValueError(f"Invalid lam: {lam} (must be > 0)")
-        if solver not in ("cg", "neumann", "fixed_point"):
-            raise ValueError(
-                f"Invalid solver: {solver!r} (expected 'cg', 'neumann' or 'fixed_point')"
-            )
-        if isinstance(solver_iters, bool) or not isinstance(solver_iters, int) or solver_iters < 1:
-            raise ValueError(f"Invalid solver_iters: {solver_iters!r} (must be an integer >= 1)")
-        if not damping >= 0:
-            raise ValueError(f"Invalid damping: {damping} (must be >= 0)")
-        self.lam = float(lam)
         self.solver = solver
         self.solver_iters = solver_iters
         self.damping = float(damping)
@@ -94,8 +98,8 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
         self, plan: Plan, buffers: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> Tensor:
         theta = plan.theta
-        phi = _detach(
-            self.inner_loop(plan, buffers, sx, sy, first_order=True, start=_detach(theta))
+        phi = detach_tree(
+            self.inner_loop(plan, buffers, sx, sy, first_order=True, start=detach_tree(theta))
         )
 
         def query(p: Params) -> Tensor:
@@ -107,7 +111,7 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
         query_grad, query_value = torch.func.grad_and_value(query)(phi)
         # The support gradient is linearized once; each product is one backward through it
         # (reverse-over-reverse: H is symmetric, so the vector-Jacobian product is H v).
-        _, support_vjp = torch.func.vjp(torch.func.grad(support), phi)
+        _, support_vjp = torch.func.vjp(torch.func.grad(support), phi)[:2]
 
         def matvec(v: Params) -> Params:
             (hv,) = support_vjp(v)
@@ -115,12 +119,12 @@ class iMAML(MetaLearner):  # noqa: N801 (the method's name)
 
         direction = solve_linear(
             matvec,
-            _detach(query_grad),
+            detach_tree(query_grad),
             method=self.solver,
             iters=self.solver_iters,
             damping=self.damping,
             step_size=self.step_size,
         )
         # A value equal to the query loss whose gradient in theta is the implicit direction.
-        surrogate = sum((direction[k].detach() * theta[k]).sum() for k in theta)
+        surrogate = torch.stack([(direction[k].detach() * theta[k]).sum() for k in theta]).sum()
         return query_value.detach() + (surrogate - surrogate.detach())

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .base import LossFn, MetaLearner, OptimizerFactory, Plan
+from .base import MetaLearner, Plan
 
 __all__ = ["MetaSGD"]
-
-
-def lr_key(name: str) -> str:
-    """The meta-parameter key of a model parameter name ('.' is not allowed in keys)."""
-    return name.replace(".", "/")
 
 
 class MetaSGD(MetaLearner):
@@ -24,42 +18,23 @@ class MetaSGD(MetaLearner):
     :math:`\alpha` shaped like the parameters and meta-learned with :math:`\theta`. Any inner
     optimizer can be used: :math:`\alpha` is passed as its per-element `lr`.
 
-    The learning rates are stored as `log_lr` (so they stay positive, as every metagrad
-    optimizer requires), one tensor per model parameter, keyed by the parameter's name with
-    '.' replaced by '/'. They start at `inner_lr`. Note that the outer optimizer then steps in
-    log space: with Adam at 1e-3 a rate changes by about 0.1% per step; give the `log_lr`
-    parameters their own parameter group with a larger outer learning rate to learn them
-    faster. `lrs()` returns the current values.
+    The learning rates are the entry `inner_lr` of `learner.meta` (a `MetaParameters`, per
+    element, stored as logs so they stay positive), starting at `inner_lr`. The outer optimizer
+    steps in log space: with Adam at 1e-3 a rate changes by about 0.1% per step; give
+    `learner.meta.parameters()` their own parameter group with a larger outer learning rate to
+    learn them faster. `lrs()` returns the current values.
 
     Arguments are those of `MetaLearner`; the meta-gradient is exact (second order) unless
     `first_order=True`, in which case it still reaches the learning rates through the update.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn | str = "mse",
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        first_order: bool = False,
-        inner_optim: OptimizerFactory | None = None,
-        vectorize: bool | str = "auto",
-        randomness: str = "different",
-    ) -> None:
-        super().__init__(
-            model, loss_fn, inner_lr, inner_steps, first_order, inner_optim, vectorize, randomness
-        )
-        params = dict(model.named_parameters())
-        self.log_lr = nn.ParameterDict(
-            {
-                lr_key(n): nn.Parameter(torch.full_like(params[n].detach(), math.log(inner_lr)))
-                for n in self.adapted_names()
-            }
-        )
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self.meta.add("inner_lr", self.inner_lr, scope="per_element", params=self.adapted_params())
 
     def lrs(self) -> dict[str, Tensor]:
         """The current per-element inner learning rates, keyed by model parameter name."""
-        return {n: torch.exp(self.log_lr[lr_key(n)]) for n in self.adapted_names()}
+        return self.meta.value("inner_lr")
 
     def inner_lr_at(self, step: int) -> dict[str, Tensor]:
         return self.lrs()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from torch import Tensor, nn
 
-from .base import LossFn, MetaLearner, OptimizerFactory, Params, Plan, _detach
+from .._checks import detach_tree
+from .base import MetaLearner, Params, Plan
 
 __all__ = ["Reptile"]
 
@@ -20,22 +23,15 @@ class Reptile(MetaLearner):
     adaptive outer optimizer such as Adam this is the usual "Reptile with Adam".) Cost: that of
     plain training on each task; no second-order terms by construction.
 
-    Arguments are those of `MetaLearner` (without `first_order`, which is always true here).
+    Arguments are those of `MetaLearner` without `first_order` (always true here);
+    `inner_steps` defaults to 5.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn | str = "mse",
-        inner_lr: float = 0.01,
-        inner_steps: int = 5,
-        inner_optim: OptimizerFactory | None = None,
-        vectorize: bool | str = "auto",
-        randomness: str = "different",
-    ) -> None:
-        super().__init__(
-            model, loss_fn, inner_lr, inner_steps, True, inner_optim, vectorize, randomness
-        )
+    fixed_arguments: ClassVar[dict[str, Any]] = {"first_order": True}
+
+    def __init__(self, model: nn.Module, *, inner_steps: int = 5, **kwargs: Any) -> None:
+        self.refuse_fixed(kwargs)
+        super().__init__(model, inner_steps=inner_steps, **kwargs)
 
     def second_order(self) -> bool:
         return False
@@ -43,9 +39,8 @@ class Reptile(MetaLearner):
     def task_loss(
         self, plan: Plan, buffers: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
     ) -> Tensor:
-        adapted = _detach(
-            self.inner_loop(plan, buffers, sx, sy, first_order=True, start=_detach(plan.theta))
-        )
+        start = detach_tree(plan.theta)
+        adapted = detach_tree(self.inner_loop(plan, buffers, sx, sy, first_order=True, start=start))
         query = self.query_loss(plan, adapted, buffers, qx, qy).detach()
         dist = sum(0.5 * ((plan.theta[k] - adapted[k]) ** 2).sum() for k in adapted)
         return query + (dist - dist.detach())

@@ -97,7 +97,7 @@ class _HypergradientDescent(torch.optim.Optimizer):
     """The step shared by SGD-HD and Adam-HD: adapt each group's lr, then `_update` with it."""
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Adapt each group's learning rate, then update its parameters with it."""
         loss = None
         if closure is not None:

@@ -130,7 +130,7 @@ def resolve(value: Hyper, arg: str, name: str, param: Tensor) -> float | Tensor:
         except KeyError:
             raise ValueError(
                 f"{arg} is given per parameter but has no value for parameter '{name}' "
-                f"(it has: {sorted(value)})"
+                f"(it has: {sorted(value)})"  # type: ignore[arg-type]
             ) from None
         if not isinstance(value, Tensor):
             return value

@@ -9,13 +9,15 @@ is used instead, because the fused kernels take such factors only as Python numb
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import Tensor
 
 __all__ = ["add_scaled", "coupled_decay", "ema", "ema_sq", "sub_scaled_ratio"]
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float))
 
 

@@ -135,15 +135,18 @@ class Optimizer(Generic[State]):
                     f.name, f"Invalid {f.name}: expected true or false, got {value!r}"
                 )
         self._check_args()
-        # (field name, value) pairs resolved per parameter at every step, pairs flattened.
-        self._resolvable: list[tuple[str, str, Hyper]] = []
+
+    def _resolvable(self) -> list[tuple[str, str, Hyper]]:
+        """(field, argument name, value) of every hyperparameter, pairs flattened; read from
+        the current attributes (a copy whose tensors were swapped in is resolved as it is)."""
+        out: list[tuple[str, str, Hyper]] = []
         for f in _fields(type(self), "hyper", "pair"):
             value = getattr(self, f.name)
             if f.metadata[_KIND] == "pair":
-                for i, v in enumerate(value):
-                    self._resolvable.append((f.name, f"{f.name}[{i}]", v))
+                out.extend((f.name, f"{f.name}[{i}]", v) for i, v in enumerate(value))
             else:
-                self._resolvable.append((f.name, f.name, value))
+                out.append((f.name, f.name, value))
+        return out
 
     def _check_args(self) -> None:
         """Checks that involve several hyperparameters (subclasses override)."""
@@ -175,6 +178,13 @@ class Optimizer(Generic[State]):
         return out
 
     @classmethod
+    def bounds(cls, name: str) -> tuple[float, float | None, bool]:
+        """`(low, high, high_open)` of the hyperparameter (or pair component) `name`."""
+        field, _ = cls.learnable_names()[name]
+        m = next(f for f in dataclasses.fields(cls) if f.name == field).metadata
+        return m["low"], m["high"], m["high_open"]
+
+    @classmethod
     def defaults(cls) -> dict[str, Any]:
         """The default value of every field."""
         return {f.name: f.default for f in dataclasses.fields(cls)}
@@ -194,7 +204,7 @@ class Optimizer(Generic[State]):
 
     def check(self, params: Params) -> None:
         """Check that every per-parameter hyperparameter fits `params` (called by `init`)."""
-        check_coverage(params, {arg: v for _, arg, v in self._resolvable})
+        check_coverage(params, {arg: v for _, arg, v in self._resolvable()})
 
     def per_parameter(
         self, params: Params, grads: Params
@@ -206,9 +216,10 @@ class Optimizer(Generic[State]):
         parameter).
         """
         check_grads(params, grads)
+        resolvable = self._resolvable()
         for name, p in params.items():
             values: dict[str, Any] = {}
-            for field, arg, value in self._resolvable:
+            for field, arg, value in resolvable:
                 v = resolve(value, arg, name, p)
                 if field == arg:
                     values[field] = v
@@ -230,5 +241,12 @@ class Optimizer(Generic[State]):
         return f"{type(self).__name__}({args})"
 
 
-def _fields(cls: type, *kinds: str) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.metadata.get(_KIND) in kinds]
+_FIELDS: dict[tuple[type, tuple[str, ...]], tuple[dataclasses.Field, ...]] = {}
+
+
+def _fields(cls: type, *kinds: str) -> tuple[dataclasses.Field, ...]:
+    """The fields of optimizer class `cls` declared with the given kinds (cached per class)."""
+    key = (cls, kinds)
+    if key not in _FIELDS:
+        _FIELDS[key] = tuple(f for f in dataclasses.fields(cls) if f.metadata.get(_KIND) in kinds)
+    return _FIELDS[key]

@@ -1,11 +1,30 @@
-"""Seeded, reproducible few-shot task distributions (no downloads).
+"""Tasks: the data the training loops run on, seeded and reproducible (no downloads).
 
->>> from metagrad.tasks import SinusoidTasks, DigitsFewShot
+Supervised tasks (`loop=hpo`, `loop=online`) follow `SupervisedTask`; episodic few-shot tasks
+(`loop=fewshot`) follow `EpisodicTask` (see `metagrad.tasks.protocols`).
+
+>>> from metagrad.tasks import SinusoidTasks, DigitsFewShot, Digits
 >>> sx, sy, qx, qy = SinusoidTasks(seed=0).sample(meta_batch=25, shots=10)
 >>> sx, sy, qx, qy = DigitsFewShot(ways=5, shots=1, query=15, split="test").sample(8)
+>>> (x, y), = Digits(batch_size=100).train_batches(seed=0, count=1)
 """
 
 from .digits import DigitsFewShot
-from .sinusoid import SinusoidTasks, TaskBatch
+from .image_folder import ImageFolderFewShot
+from .protocols import Batch, EpisodicTask, SupervisedTask, TaskBatch, model_args
+from .sinusoid import SinusoidTasks
+from .supervised import Digits, TensorTask, load_digits
 
-__all__ = ["SinusoidTasks", "DigitsFewShot", "TaskBatch"]
+__all__ = [
+    "Batch",
+    "Digits",
+    "DigitsFewShot",
+    "EpisodicTask",
+    "ImageFolderFewShot",
+    "SinusoidTasks",
+    "SupervisedTask",
+    "TaskBatch",
+    "TensorTask",
+    "load_digits",
+    "model_args",
+]

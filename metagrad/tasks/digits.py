@@ -14,23 +14,49 @@ so the split stays disjoint, but such a test task is harder.)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .sinusoid import TaskBatch, _count
+from .._checks import ArgumentError, check_choice, check_count
+from .protocols import TaskBatch
+from .sinusoid import split_seed
+from .supervised import load_digits
 
-__all__ = ["DigitsFewShot"]
+__all__ = ["DigitsFewShot", "sample_episodes"]
 
 _ALL_DIGITS = tuple(range(10))
 
 
-def _load_digits() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
+def sample_episodes(
+    images: Sequence[Tensor], ways: int, shots: int, query: int, count: int, g: torch.Generator
+) -> TaskBatch:
+    """`count` N-way K-shot tasks from per-class image tensors, drawn with generator `g`.
 
-    images, labels = load_digits(return_X_y=True)
-    x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 8, 8) / 16.0
-    return x, torch.as_tensor(labels, dtype=torch.long)
+    Each task picks `ways` classes, relabels them 0..ways-1 in random order and draws `shots`
+    support and `query` query examples per class without overlap; examples are shuffled
+    within each set. Returns tensors [count, ways * shots, ...] and [count, ways * query, ...].
+    """
+    check_count(count, "meta_batch")
+    sets: list[list[Tensor]] = [[], [], [], []]
+    for _ in range(count):
+        chosen = torch.randperm(len(images), generator=g)[:ways]
+        sx, sy, qx, qy = [], [], [], []
+        for label, c in enumerate(chosen.tolist()):
+            pool = images[c]
+            idx = torch.randperm(len(pool), generator=g)[: shots + query]
+            sx.append(pool[idx[:shots]])
+            qx.append(pool[idx[shots:]])
+            sy.append(torch.full((shots,), label, dtype=torch.long))
+            qy.append(torch.full((query,), label, dtype=torch.long))
+        s_order = torch.randperm(ways * shots, generator=g)
+        q_order = torch.randperm(ways * query, generator=g)
+        sets[0].append(torch.cat(sx)[s_order])
+        sets[1].append(torch.cat(sy)[s_order])
+        sets[2].append(torch.cat(qx)[q_order])
+        sets[3].append(torch.cat(qy)[q_order])
+    return TaskBatch(*(torch.stack(s) for s in sets))
 
 
 class DigitsFewShot:
@@ -39,11 +65,16 @@ class DigitsFewShot:
     Each task picks `ways` classes of its split, relabels them 0..ways-1 in random order, and
     draws `shots` support and `query` query images per class without overlap.
 
+    As an episodic task (`episodes`), split "train" draws from the `train_digits` classes and
+    "test" from the others; digits has too few classes for a third disjoint set, so "val"
+    draws from the test classes with seeds of its own (periodic validation during training).
+
     Args:
         ways: classes per task (N).
         shots: support images per class (K).
         query: query images per class.
-        split: "train" (classes from `train_digits`) or "test" (the other digits).
+        split: the split of `sample`: "train" (classes from `train_digits`) or "test" (the
+            other digits).
         seed: seed of the sampler's own `torch.Generator`.
         rotations: make each 90-degree rotation of a digit a separate class.
         flatten: return images as 64 features instead of [1, 8, 8].
@@ -67,80 +98,93 @@ class DigitsFewShot:
         train_digits: Sequence[int] = (0, 1, 2, 3, 4, 5),
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.ways = _count(ways, "ways", 1)
-        self.shots = _count(shots, "shots", 1)
-        self.query = _count(query, "query", 1)
-        if split not in ("train", "test"):
-            raise ValueError(f"Invalid split: {split!r} (expected 'train' or 'test')")
+        self.ways = check_count(ways, "ways")
+        self.shots = check_count(shots, "shots")
+        self.query = check_count(query, "query")
+        self.split = check_choice(split, "split", ("train", "test"))
         train_digits = tuple(int(d) for d in train_digits)
         if not train_digits or any(d not in _ALL_DIGITS for d in train_digits):
-            raise ValueError(f"Invalid train_digits: {train_digits} (digits 0-9, at least one)")
+            raise ArgumentError(
+                "train_digits", f"Invalid train_digits: {train_digits} (digits 0-9, at least one)"
+            )
         if len(set(train_digits)) == len(_ALL_DIGITS):
-            raise ValueError("Invalid train_digits: every digit is a training digit, none is left")
-        digits = (
-            sorted(set(train_digits))
-            if split == "train"
-            else [d for d in _ALL_DIGITS if d not in train_digits]
-        )
-        self.split = split
+            raise ArgumentError(
+                "train_digits",
+                "Invalid train_digits: every digit is a training digit, none is left",
+            )
+        self.train_digits = tuple(sorted(set(train_digits)))
         self.seed = int(seed)
         self.flatten = bool(flatten)
         self.dtype = dtype
-        images, labels = _load_digits()
+        self.rotations = bool(rotations)
+        images, labels = load_digits()
+        images = images.reshape(-1, 8, 8)
         turns = (0, 1, 2, 3) if rotations else (0,)
-        # One image tensor per class: (digit, rotation) pairs in a fixed order.
-        self.classes: list[tuple[int, int]] = [(d, k) for d in digits for k in turns]
-        self._images = [
-            torch.rot90(images[labels == d], k, dims=(1, 2)).to(dtype) for d, k in self.classes
-        ]
-        if self.ways > len(self.classes):
-            raise ValueError(
-                f"Invalid ways: {ways} exceeds the {len(self.classes)} classes of the "
-                f"{split!r} split"
-            )
-        smallest = min(len(x) for x in self._images)
-        if self.shots + self.query > smallest:
-            raise ValueError(
-                f"Invalid shots + query: {self.shots} + {self.query} exceeds {smallest}, the "
-                "number of images in the smallest class"
-            )
+        self._by_split: dict[str, tuple[list[tuple[int, int]], list[Tensor]]] = {}
+        for name, digits in (
+            ("train", self.train_digits),
+            ("test", [d for d in _ALL_DIGITS if d not in self.train_digits]),
+        ):
+            # One image tensor per class: (digit, rotation) pairs in a fixed order.
+            classes = [(d, k) for d in digits for k in turns]
+            pools = [torch.rot90(images[labels == d], k, dims=(1, 2)).to(dtype) for d, k in classes]
+            self._by_split[name] = (classes, pools)
+        self._check_split(self.split)
+        self.classes, self._images = self._by_split[self.split]
         self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _check_split(self, name: str) -> None:
+        classes, pools = self._by_split[name]
+        if self.ways > len(classes):
+            raise ArgumentError(
+                "ways",
+                f"Invalid ways: {self.ways} exceeds the {len(classes)} classes of the "
+                f"{name!r} split",
+            )
+        smallest = min(len(x) for x in pools)
+        if self.shots + self.query > smallest:
+            raise ArgumentError(
+                "query",
+                f"Invalid shots + query: {self.shots} + {self.query} exceeds {smallest}, "
+                "the number of images in the smallest class",
+            )
 
     @property
     def num_classes(self) -> int:
         """The number of classes in this split."""
         return len(self.classes)
 
+    def _draw(self, split: str, count: int, g: torch.Generator) -> TaskBatch:
+        self._check_split(split)
+        _, pools = self._by_split[split]
+        sx, sy, qx, qy = sample_episodes(pools, self.ways, self.shots, self.query, count, g)
+        shape = (count, -1, 64) if self.flatten else (count, -1, 1, 8, 8)
+        return TaskBatch(sx.reshape(shape), sy, qx.reshape(shape), qy)
+
     def sample(self, meta_batch: int) -> TaskBatch:
-        """Draw `meta_batch` tasks.
+        """Draw `meta_batch` tasks of this sampler's split from its own generator.
 
         Returns:
             A `TaskBatch`: support images [meta_batch, ways * shots, 64] (or [..., 1, 8, 8]),
             support labels [meta_batch, ways * shots], query images and labels likewise with
             `ways * query` examples. Examples are shuffled within each set.
         """
-        _count(meta_batch, "meta_batch", 1)
-        g = self.generator
-        sets: list[list[Tensor]] = [[], [], [], []]
-        for _ in range(meta_batch):
-            chosen = torch.randperm(len(self.classes), generator=g)[: self.ways]
-            sx, sy, qx, qy = [], [], [], []
-            for label, c in enumerate(chosen.tolist()):
-                pool = self._images[c]
-                idx = torch.randperm(len(pool), generator=g)[: self.shots + self.query]
-                sx.append(pool[idx[: self.shots]])
-                qx.append(pool[idx[self.shots :]])
-                sy.append(torch.full((self.shots,), label, dtype=torch.long))
-                qy.append(torch.full((self.query,), label, dtype=torch.long))
-            s_order = torch.randperm(self.ways * self.shots, generator=g)
-            q_order = torch.randperm(self.ways * self.query, generator=g)
-            sets[0].append(torch.cat(sx)[s_order])
-            sets[1].append(torch.cat(sy)[s_order])
-            sets[2].append(torch.cat(qx)[q_order])
-            sets[3].append(torch.cat(qy)[q_order])
-        sx, sy, qx, qy = (torch.stack(s) for s in sets)
-        shape = (meta_batch, -1, 64) if self.flatten else (meta_batch, -1, 1, 8, 8)
-        return TaskBatch(sx.reshape(shape), sy, qx.reshape(shape), qy)
+        return self._draw(self.split, meta_batch, self.generator)
+
+    def episodes(self, split: str, count: int, seed: int) -> TaskBatch:
+        """`count` tasks of `split` ("train", "val" or "test"), drawn from `seed` alone."""
+        g = torch.Generator().manual_seed(split_seed(seed, split))
+        return self._draw("train" if split == "train" else "test", count, g)
+
+    def model_args(self) -> dict[str, Any]:
+        """Input and output sizes for the built-in models."""
+        return {
+            "in_features": 64,
+            "out_features": self.ways,
+            "in_channels": 1,
+            "num_classes": self.ways,
+            "image_size": 8,
+        }
 
     def __repr__(self) -> str:
         return (
