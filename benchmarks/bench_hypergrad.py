@@ -67,12 +67,17 @@ def digits(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def build(
-    steps: int, seed: int = 0, hidden: int = 128, batch_size: int = BATCH
+    steps: int,
+    seed: int = 0,
+    hidden: int = 128,
+    batch_size: int = BATCH,
+    dtype: torch.dtype = torch.float32,
+    momentum: float = MOMENTUM,
 ) -> tuple[metagrad.InnerProblem, metagrad.MetaParameters, dict]:
     """The inner problem, its meta-parameters, and what plain training needs."""
     torch.manual_seed(seed)
-    xtr, ytr, xval, yval = digits(seed)
-    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    xtr, ytr, xval, yval = (t.to(dtype) if t.is_floating_point() else t for t in digits(seed))
+    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)).to(dtype)
     fmodel = metagrad.Functional(model)
     params0 = fmodel.params(detach=True)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -85,7 +90,7 @@ def build(
 
     meta = metagrad.MetaParameters()
     meta.add("lr", LR, constraint="positive", scope="per_layer", params=params0)
-    meta.add("momentum", MOMENTUM, constraint="unit", dtype=torch.float32)
+    meta.add("momentum", momentum, constraint="unit", dtype=dtype)
 
     def loss(params: dict, _meta: metagrad.MetaParameters, b: tuple[Tensor, Tensor]) -> Tensor:
         return F.cross_entropy(fmodel(params, b[0]), b[1])

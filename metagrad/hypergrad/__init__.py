@@ -11,7 +11,9 @@ from .checkpointed import Checkpointed
 from .first_order import FirstOrder
 from .forward_mode import ForwardMode
 from .implicit import Implicit, ImplicitBiasWarning
+from .mixed_mode import MixedMode
 from .pes import PES
+from .reversible import Reversible
 from .session import TruncatedEstimator, TruncatedResult, TruncatedSession
 from .solvers import solve_linear
 from .tbptt import TBPTT
@@ -29,8 +31,10 @@ __all__ = [
     "HypergradResult",
     "Implicit",
     "ImplicitBiasWarning",
+    "MixedMode",
     "NonFiniteLossError",
     "PES",
+    "Reversible",
     "TBPTT",
     "TruncatedES",
     "TruncatedEstimator",

@@ -4,7 +4,11 @@ Inner loop: a 3-5-2 tanh MLP trained for T = 7 steps by SGD with momentum or by 
 Meta-parameters in every scope: scalar, per layer, per element, per step, a learned
 initialization, and a module (a learned weighting of the inner loss, also read by the outer
 loss). `Unrolled` is the reference; `Checkpointed` with segments that divide T and
-that do not, of 1 and of at least T, and `ForwardMode` must match it to 1e-8.
+that do not, of 1 and of at least T, `ForwardMode` and `MixedMode` (both ways of forming its
+Hessian-vector products) must match it to 1e-8. `MixedMode` must also match it for every other
+optimizer and option: SGD with Nesterov momentum and weight decay, Adam with AMSGrad, AdamW,
+centered RMSprop with momentum, and Adagrad with a learned initial accumulator (optimizer state
+built from a meta-parameter).
 """
 
 from __future__ import annotations
@@ -16,8 +20,15 @@ import pytest
 import torch
 
 import metagrad
-from metagrad.hypergrad import Checkpointed, FirstOrder, ForwardMode, Truncated, Unrolled
-from metagrad.optim import SGD, Adam
+from metagrad.hypergrad import (
+    Checkpointed,
+    FirstOrder,
+    ForwardMode,
+    MixedMode,
+    Truncated,
+    Unrolled,
+)
+from metagrad.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 
 DT = torch.float64
 T = 7
@@ -48,22 +59,70 @@ def mse(p, batch):
     return (torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"] - y).pow(2).mean()
 
 
+# name -> (learning rate, second meta-parameter and its constraint, optimizer from (lr, second),
+# optimizer from lr alone (when the scope learns only the learning rate))
+SPECS = {
+    "sgd": (
+        0.2,
+        ("momentum", "unit"),
+        lambda lr, x: SGD(lr=lr, momentum=x),
+        lambda lr: SGD(lr=lr, momentum=0.5),
+    ),
+    "adam": (
+        0.05,
+        ("beta1", "unit"),
+        lambda lr, x: Adam(lr=lr, betas=(x, 0.99)),
+        lambda lr: Adam(lr=lr),
+    ),
+    "sgd_nesterov_wd": (
+        0.2,
+        ("momentum", "unit"),
+        lambda lr, x: SGD(lr=lr, momentum=x, nesterov=True, weight_decay=0.01),
+        lambda lr: SGD(lr=lr, momentum=0.5, nesterov=True, weight_decay=0.01),
+    ),
+    "adam_amsgrad": (
+        0.05,
+        ("beta1", "unit"),
+        lambda lr, x: Adam(lr=lr, betas=(x, 0.99), amsgrad=True),
+        lambda lr: Adam(lr=lr, amsgrad=True),
+    ),
+    "adamw": (
+        0.05,
+        ("weight_decay", "positive"),
+        lambda lr, x: AdamW(lr=lr, betas=(0.8, 0.99), weight_decay=x),
+        lambda lr: AdamW(lr=lr, betas=(0.8, 0.99), weight_decay=0.05),
+    ),
+    "rmsprop_centered": (
+        0.01,
+        ("momentum", "unit"),
+        lambda lr, x: RMSprop(lr=lr, alpha=0.9, momentum=x, centered=True),
+        lambda lr: RMSprop(lr=lr, alpha=0.9, momentum=0.5, centered=True),
+    ),
+    "adagrad": (
+        0.1,
+        ("initial_accumulator_value", "positive"),
+        lambda lr, x: Adagrad(lr=lr, lr_decay=0.01, initial_accumulator_value=x),
+        lambda lr: Adagrad(lr=lr, lr_decay=0.01),
+    ),
+}
+
+
 def build(optimizer: str, scope: str):
-    """Meta-parameters of `scope` for `optimizer` ("sgd": SGD with momentum; "adam")."""
+    """Meta-parameters of `scope` for `optimizer` (a key of SPECS)."""
     p0 = initial_params()
     meta = metagrad.MetaParameters()
-    lr = 0.2 if optimizer == "sgd" else 0.05
-    second = "momentum" if optimizer == "sgd" else "beta1"
+    lr, (second, constraint), with_second, lr_only = SPECS[optimizer]
+    start = 0.05 if constraint == "positive" else 0.7  # the second meta-parameter's value
     step_arg = False
     init = p0
     if scope == "scalar":
         meta.add("lr", lr, dtype=DT)
-        meta.add(second, 0.7, constraint="unit", dtype=DT)
+        meta.add(second, start, constraint=constraint, dtype=DT)
     elif scope == "per_layer":
         meta.add(
             "lr", {n: lr * (1 + 0.1 * i) for i, n in enumerate(p0)}, scope="per_layer", params=p0
         )
-        meta.add(second, 0.7, constraint="unit", scope="per_layer", params=p0)
+        meta.add(second, start, constraint=constraint, scope="per_layer", params=p0)
     elif scope == "per_element":
         g = torch.Generator().manual_seed(2)
         values = {
@@ -74,7 +133,8 @@ def build(optimizer: str, scope: str):
     elif scope == "per_step":
         rates = torch.tensor([lr * (1 + 0.3 * (t % 3)) for t in range(T)], dtype=DT)
         meta.add("lr", rates, steps=T, dtype=DT)
-        meta.add(second, 0.6, constraint="unit", steps=T, dtype=DT)
+        value = 0.6 if constraint == "unit" else 0.04
+        meta.add(second, value, constraint=constraint, steps=T, dtype=DT)
         step_arg = True
     elif scope == "module":
         # A learned per-example weighting of the inner loss; the outer loss also reads it
@@ -93,11 +153,8 @@ def build(optimizer: str, scope: str):
         step = {"step": t} if step_arg else {}
         rate = m.value("lr", **step)
         if second not in m.entry_names():
-            return SGD(lr=rate, momentum=0.5) if optimizer == "sgd" else Adam(lr=rate)
-        factor = m.value(second, **step)
-        if optimizer == "sgd":
-            return SGD(lr=rate, momentum=factor)
-        return Adam(lr=rate, betas=(factor, 0.99))
+            return lr_only(rate)
+        return with_second(rate, m.value(second, **step))
 
     def inner_loss(p, m, b):
         if scope != "module":
@@ -132,6 +189,7 @@ def reference(optimizer: str, scope: str):
 
 
 OPTIMIZERS = ["sgd", "adam"]
+MORE_OPTIMIZERS = ["sgd_nesterov_wd", "adam_amsgrad", "adamw", "rmsprop_centered", "adagrad"]
 SCOPES = ["scalar", "per_layer", "per_element", "per_step", "learned_init", "module"]
 EXACT = [
     pytest.param(Checkpointed(), id="checkpointed-default"),  # round(sqrt(7)) = 3
@@ -141,6 +199,14 @@ EXACT = [
     pytest.param(Checkpointed(T), id="checkpointed-T"),
     pytest.param(Checkpointed(T + 3), id="checkpointed-over-T"),
     pytest.param(ForwardMode(max_directions=64), id="forward-mode"),
+    pytest.param(MixedMode(), id="mixed-mode-default"),  # reverse over reverse, segment 3
+    pytest.param(MixedMode(1, hvp="forward"), id="mixed-mode-1-forward"),
+    pytest.param(MixedMode(4, hvp="forward"), id="mixed-mode-4-forward"),
+    pytest.param(MixedMode(T + 3), id="mixed-mode-over-T"),
+]
+MIXED = [
+    pytest.param(MixedMode(2, hvp="forward"), id="mixed-mode-2-forward"),
+    pytest.param(MixedMode(3), id="mixed-mode-3"),
 ]
 
 
@@ -157,6 +223,19 @@ def assert_agree(result, ref, tol):
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_exact_methods_agree_with_unrolled(optimizer, scope, method):
+    problem, meta = build(optimizer, scope)
+    ref = reference(optimizer, scope)
+    result = method(problem, meta)
+    assert_agree(result, ref, 1e-8)
+    assert result.outer_loss == pytest.approx(float(ref.outer_loss), rel=1e-12)
+    for name, p in ref.params.items():
+        torch.testing.assert_close(result.params[name], p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", MIXED)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("optimizer", MORE_OPTIMIZERS)
+def test_mixed_mode_agrees_with_unrolled_for_every_optimizer(optimizer, scope, method):
     problem, meta = build(optimizer, scope)
     ref = reference(optimizer, scope)
     result = method(problem, meta)
@@ -197,8 +276,9 @@ def test_biased_methods_are_finite_and_differ(optimizer, scope, method):
     assert result.outer_loss == pytest.approx(float(ref.outer_loss), rel=1e-12)
 
 
-def test_checkpointed_reports_its_segment_and_returns_detached_params():
+@pytest.mark.parametrize("method", [Checkpointed(2), MixedMode(2)], ids=["checkpointed", "mixed"])
+def test_segmented_methods_report_their_segment_and_return_detached_params(method):
     problem, meta = build("sgd", "scalar")
-    result = Checkpointed(2)(problem, meta)
+    result = method(problem, meta)
     assert all(p.grad_fn is None and not p.requires_grad for p in result.params.values())
     assert result.metrics["hypergrad/segment"] == 2

@@ -21,7 +21,9 @@ from metagrad.hypergrad import (
     Checkpointed,
     FirstOrder,
     ForwardMode,
+    MixedMode,
     NonFiniteLossError,
+    Reversible,
     Truncated,
     Unrolled,
 )
@@ -88,6 +90,9 @@ EXACT = [
     pytest.param(Checkpointed(1), id="checkpointed-1"),
     pytest.param(Checkpointed(T + 5), id="checkpointed-over-T"),
     pytest.param(ForwardMode(), id="forward-mode"),
+    pytest.param(MixedMode(), id="mixed-mode-default"),
+    pytest.param(MixedMode(4, hvp="forward"), id="mixed-mode-4-forward"),
+    pytest.param(MixedMode(T + 5), id="mixed-mode-over-T"),
 ]
 
 
@@ -208,6 +213,8 @@ ALL = [
     pytest.param(FirstOrder(), id="first-order"),
     pytest.param(Checkpointed(2), id="checkpointed"),
     pytest.param(ForwardMode(), id="forward-mode"),
+    pytest.param(MixedMode(2), id="mixed-mode"),
+    pytest.param(MixedMode(2, hvp="forward"), id="mixed-mode-forward"),
 ]
 
 
@@ -236,6 +243,27 @@ def test_unused_meta_parameter_gets_zero_gradient_and_a_warning(method):
         result = method(problem, meta)
     assert torch.equal(result.grads["unused"], torch.zeros((), dtype=DT))
     assert result.grads["lr"] != 0
+
+
+@pytest.mark.parametrize("hvp", ["reverse", "forward"])
+def test_mixed_mode_with_values_computed_afresh_at_every_step(hvp):
+    # The optimizer's learning rate and momentum are new tensors at every step (not cached
+    # meta values), and Adam's first moment depends on a learned value: the sweep must collect
+    # each step's value gradients before they are pushed into the meta-parameters.
+    q = quadratic()
+    meta = (
+        metagrad.MetaParameters()
+        .add("lr", 0.05, dtype=DT)
+        .add("beta1", 0.8, constraint="unit", dtype=DT)
+    )
+
+    def optimizer(m, t):
+        return Adam(lr=m.value("lr") * (1 + 0.1 * t), betas=(m.value("beta1") ** (1 + t % 2), 0.99))
+
+    problem = quadratic_problem(q, optimizer, steps=10)
+    ref, result = Unrolled()(problem, meta), MixedMode(3, hvp=hvp)(problem, meta)
+    for name in ref.grads:
+        assert rel_err(result.grads[name], ref.grads[name]) < 1e-10
 
 
 def test_forward_mode_refuses_too_many_directions():
@@ -269,19 +297,44 @@ def test_forward_mode_with_adam_matches_unrolled_on_quadratic():
         (lambda: Checkpointed(True), "Invalid segment"),
         (lambda: ForwardMode(0), "Invalid max_directions"),
         (lambda: ForwardMode(max_directions="8"), "Invalid max_directions"),
+        (lambda: MixedMode(0), "Invalid segment"),
+        (lambda: MixedMode(hvp="jvp"), "Invalid hvp"),
+        (lambda: Reversible(radix_bits=4), "Invalid radix_bits"),
+        (lambda: Reversible(radix_bits=60), "Invalid radix_bits"),
+        (lambda: Reversible(momentum_bits=0), "Invalid momentum_bits"),
+        (lambda: Reversible(momentum_bits=30), "Invalid momentum_bits"),
     ],
-    ids=["truncated-0", "truncated-float", "segment-0", "segment-bool", "fm-0", "fm-str"],
+    ids=[
+        "truncated-0",
+        "truncated-float",
+        "segment-0",
+        "segment-bool",
+        "fm-0",
+        "fm-str",
+        "mixed-segment-0",
+        "mixed-hvp",
+        "radix-small",
+        "radix-large",
+        "momentum-bits-0",
+        "momentum-bits-large",
+    ],
 )
 def test_invalid_settings_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
         make()
 
 
-def test_checkpointed_default_segment_is_about_sqrt_T():
-    assert Checkpointed().segment_for(100) == 10
-    assert Checkpointed().segment_for(1000) == 32
-    assert Checkpointed().segment_for(1) == 1
-    assert Checkpointed(50).segment_for(7) == 7
+@pytest.mark.parametrize("method", [Checkpointed, MixedMode])
+def test_default_segment_is_about_sqrt_T(method):
+    assert method().segment_for(100) == 10
+    assert method().segment_for(1000) == 32
+    assert method().segment_for(1) == 1
+    assert method(50).segment_for(7) == 7
+
+
+def test_mixed_mode_memory_scaling_counts_boundaries_saved_steps_and_one_graph():
+    assert MixedMode().live_steps(100) == 10 + 10 + 1
+    assert MixedMode(4).live_steps(10) == 4 + 3 + 1
 
 
 def test_reuse_values_caches_per_block_and_grad_mode():

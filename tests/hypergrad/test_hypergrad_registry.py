@@ -15,6 +15,10 @@ import metagrad.hypergrad as hg
 ELSEWHERE = {
     "Unrolled": "the reference of test_hypergrad_agreement; closed forms in test_hypergrad_exact",
     "Implicit": "exact only at an optimum: closed forms in test_hypergrad_implicit",
+    # SGD with momentum only, and exact for its own fixed-point run (not the float run of the
+    # agreement tables): against Unrolled on the same rounded run, a bit-exact reversal,
+    # finite differences and non-finite losses in test_hypergrad_reversible.
+    "Reversible": "test_hypergrad_reversible",
 }
 
 
@@ -38,7 +42,8 @@ def test_every_estimator_agrees_with_unrolled_or_is_shown_biased() -> None:
 
 
 def test_every_estimator_names_the_step_of_a_non_finite_loss() -> None:
-    covered = _types(NON_FINITE) | {"Implicit"}  # test_hypergrad_errors covers Implicit
+    # test_hypergrad_errors covers Implicit, test_hypergrad_reversible Reversible
+    covered = _types(NON_FINITE) | {"Implicit", "Reversible"}
     assert _public(hg.Estimator) <= covered, _public(hg.Estimator) - covered
 
 
