@@ -411,6 +411,7 @@ def run_inprocess(case: Case, s: Settings, seed: int) -> dict[str, Any]:
     names = param_names(case, s)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
     points = []
+    best: dict[str, Any] = {"val_loss": math.inf, "values": None}
     start = time.process_time()
     while time.process_time() - start < s.budget:
         trial = study.ask()
@@ -428,7 +429,117 @@ def run_inprocess(case: Case, s: Settings, seed: int) -> dict[str, Any]:
                 "test_accuracy": final.get("test/accuracy", float("nan")),
             }
         )
-    return {"cpu_total": time.process_time() - start, "units": len(points), "points": points}
+        if math.isfinite(loss) and loss < best["val_loss"] and points[-1]["cpu"] <= s.budget:
+            best = {"val_loss": loss, "values": values}
+    return {
+        "cpu_total": time.process_time() - start,
+        "units": len(points),
+        "points": points,
+        "best_values": best["values"],
+    }
+
+
+# --------------------------------------------------------------------------- held-out seeds
+#: Fresh training seeds (initialization and batch order) that no side tuned on.
+FRESH_SEEDS = (1000, 1001, 1002, 1003, 1004)
+
+
+def chosen_values(
+    case: Case, s: Settings, arm: str, run: dict[str, Any], folder: Path
+) -> dict[str, float] | None:
+    """The values of the configuration an arm chose within the budget (None: none, or unknown).
+
+    Read back from the run's records: the trial's overrides (`.hydra/overrides.yaml`) of a sweep,
+    the validated hyperparameters (`cpu_clock.json`) of the gradient run, the values kept by the
+    in-process search.
+    """
+    if arm == "tpe_inprocess":
+        return run.get("best_values") or replay_inprocess(case, s, run)
+    if arm == "gradient":
+        best = run.get("at_budget")
+        if best is None:
+            return None
+        clock = json.loads((folder / "cpu_clock.json").read_text())
+        point = next(p for p in clock["points"] if p["step"] == best["step"])
+        return gradient_values(case, s, point)
+    trials = []
+    for trial in (p for p in folder.iterdir() if p.name.isdigit()):
+        if (trial / "cpu_clock.json").is_file():
+            clock = json.loads((trial / "cpu_clock.json").read_text())
+            loss = clock["final"].get("final/val_loss", float("nan"))
+            if clock["closed"] <= s.budget and _finite(loss):
+                trials.append((loss, int(trial.name), trial))
+    if not trials:
+        return None
+    _, _, trial = min(trials)
+    values = {}
+    for line in (trial / ".hydra" / "overrides.yaml").read_text().splitlines():
+        item = line.removeprefix("- ").strip()
+        if item.startswith("learn."):
+            key, value = item.split("=", 1)
+            values[key] = float(value)
+    return values
+
+
+def replay_inprocess(case: Case, s: Settings, run: dict[str, Any]) -> dict[str, float] | None:
+    """The values of the in-process search's best trial within the budget, asked again.
+
+    TPE with a seed proposes the same values when told the same losses, so replaying the
+    recorded losses (no training) gives back every trial's values.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    best = best_within(run["points"], s.budget)
+    if best is None:
+        return None
+    upto = run["points"].index(best)
+    names = param_names(case, s)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=run["seed"]))
+    for point in run["points"][: upto + 1]:
+        trial = study.ask()
+        values = {n: trial.suggest_float(n, low, high, log=log) for n, (low, high, log) in names}
+        if _finite(point["val_loss"]):
+            study.tell(trial, point["val_loss"])
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return values
+
+
+def heldout(results: dict[str, Any], s: Settings, runs_dir: Path) -> None:
+    """Retrain each chosen configuration from fresh seeds; record the mean val and test metrics.
+
+    Each side chose its configuration by the validation loss of runs from the experiment's
+    seed (black-box search: of the very run it scores; the gradient: of runs from other
+    initializations and batches). What a configuration is worth is what it gives a new run.
+    """
+    for key, per_arm in results.items():
+        case = next(c for c in CASES if c.key == key)
+        objectives = [Objective(case, s, seed) for seed in FRESH_SEEDS]
+        for arm, runs in per_arm.items():
+            for run in runs:
+                if "heldout" in run:
+                    continue
+                folder = runs_dir / key / f"{arm}_seed{run['seed']}"
+                values = chosen_values(case, s, arm, run, folder)
+                if values is None:
+                    run["heldout"] = None
+                    continue
+                # The values read back give the loss the arm recorded for them.
+                again = Objective(case, s, run["seed"])(values)["val/loss"]
+                run["values_reproduce_val_loss"] = bool(
+                    abs(again - run["at_budget"]["val_loss"]) <= 1e-3 * run["at_budget"]["val_loss"]
+                )
+                finals = [objective(values) for objective in objectives]
+                run["heldout"] = {
+                    name: statistics.fmean(f.get(metric, float("nan")) for f in finals)
+                    for name, metric in (
+                        ("val_loss", "val/loss"),
+                        ("test_loss", "test/loss"),
+                        ("test_accuracy", "test/accuracy"),
+                    )
+                }
+                run["heldout"]["seeds"] = list(FRESH_SEEDS)
 
 
 # --------------------------------------------------------------------------- analysis
@@ -470,7 +581,11 @@ def summarize(results: dict[str, Any], s: Settings) -> dict[str, Any]:
         table[key] = {}
         for arm, runs in per_arm.items():
             val, acc, cpu, units, reached = [], [], [], [], []
+            h_loss, h_acc = [], []
             for run in runs:
+                h = run.get("heldout")
+                h_loss.append(h["test_loss"] if h else float("nan"))
+                h_acc.append(h["test_accuracy"] if h else float("nan"))
                 b = run["at_budget"]
                 val.append(b["val_loss"] if b else float("nan"))
                 acc.append(b["test_accuracy"] if b else float("nan"))
@@ -483,6 +598,8 @@ def summarize(results: dict[str, Any], s: Settings) -> dict[str, Any]:
                 "cpu_total": _stats(cpu),
                 "units_within_budget": _stats(units),
                 "all_reached_budget": all(reached),
+                "heldout_test_loss": _stats(h_loss),
+                "heldout_test_accuracy": _stats(h_acc),
             }
     return table
 
@@ -610,6 +727,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{run['cpu_total']:6.1f} CPU s, best val within {s.budget:.0f} s: {shown}",
                     flush=True,
                 )
+    heldout(results, s, runs_dir)
     cpu_end = resource.getrusage(resource.RUSAGE_CHILDREN)
     children = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
     table = summarize(results, s)
@@ -644,6 +762,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def write_outputs(summary: dict[str, Any], s: Settings, out: Path) -> dict[str, Any]:
     """results.json, the plot and the table on stdout."""
+    for key, per_arm in summary["runs"].items():
+        for arm, runs in per_arm.items():
+            for run in runs:
+                if "values_reproduce_val_loss" in run:
+                    name = (
+                        f"{key}/{arm}/seed{run['seed']}: the chosen values reproduce its val loss"
+                    )
+                    summary["checks"][name] = run["values_reproduce_val_loss"]
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     plot(summary["runs"], s, out / "blackbox_vs_gradient.png")
     print(format_table(summary["table"], summary["settings"]))
@@ -654,7 +780,15 @@ def write_outputs(summary: dict[str, Any], s: Settings, out: Path) -> dict[str, 
 
 def combine(folders: list[Path], out: Path) -> dict[str, Any]:
     """Merge runs over separate cases (same settings otherwise) into one set of outputs."""
-    parts = [json.loads((f / "results.json").read_text()) for f in folders]
+    parts = []
+    for folder in folders:
+        part = json.loads((folder / "results.json").read_text())
+        st = part["settings"]
+        s = Settings(
+            st["seeds"], st["budget_cpu_s"], list(part["runs"]), st["hidden"], st["horizon"]
+        )
+        heldout(part["runs"], s, folder / "runs")  # runs recorded without it
+        parts.append(part)
     first = parts[0]
     summary = copy.deepcopy(first)
     for part in parts[1:]:
@@ -686,25 +820,25 @@ def combine(folders: list[Path], out: Path) -> dict[str, Any]:
 
 
 def format_table(table: dict[str, Any], settings: dict[str, Any]) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table (mean ± standard deviation over seeds)."""
     lines = [
         f"| space | values | method | best val loss at {settings['budget_cpu_s']:.0f} CPU s "
-        "| test accuracy | trials / steps | CPU s used |",
-        "|---|---|---|---|---|---|---|",
+        "| its test accuracy | fresh seeds: test loss | fresh seeds: test accuracy "
+        "| trials / steps | CPU s used |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, arms in table.items():
         case = settings["cases"][key]
         for arm, row in arms.items():
-            v, a, u, c = (
-                row["val_loss"],
-                row["test_accuracy"],
-                row["units_within_budget"],
-                row["cpu_total"],
-            )
+            v, a = row["val_loss"], row["test_accuracy"]
+            hl, ha = row["heldout_test_loss"], row["heldout_test_accuracy"]
+            u, c = row["units_within_budget"], row["cpu_total"]
             lines.append(
                 f"| {case['title']} | {case['values']} | {LABELS[arm]} "
                 f"| {v['mean']:.4f} ± {v['std']:.4f} "
                 f"| {100 * a['mean']:.1f} ± {100 * a['std']:.1f} % "
+                f"| {hl['mean']:.4f} ± {hl['std']:.4f} "
+                f"| {100 * ha['mean']:.1f} ± {100 * ha['std']:.1f} % "
                 f"| {u['mean']:.0f} | {c['mean']:.1f} |"
             )
     return "\n".join(lines)

@@ -63,6 +63,13 @@ def test_quick_mode_writes_results_plot_and_presets(tmp_path: Path) -> None:
     assert len({p["val_loss"] for p in runs["random"][0]["points"]}) == len(
         runs["random"][0]["points"]
     )
-    # The gradient side's configuration, fixed and evaluated again, gives its reported loss.
+    # The gradient side's configuration, fixed and evaluated again, gives its reported loss;
+    # every chosen configuration read back (from a sweep's overrides, a replayed in-process
+    # search) gives the loss its arm recorded.
     assert saved["checks"] and all(saved["checks"].values()), saved["checks"]
+    # The chosen configurations were retrained from fresh seeds.
+    for arm in ("gradient", "tpe_inprocess"):
+        held = runs[arm][0]["heldout"]
+        assert held["seeds"] == list(run.FRESH_SEEDS)
+        assert 0.0 <= held["test_accuracy"] <= 1.0 and held["test_loss"] > 0
     assert summary["table"][key]["gradient"]["val_loss"]["mean"] > 0
