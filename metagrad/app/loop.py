@@ -114,7 +114,7 @@ def run_loop(
     logger = logger or NullLogger()
     counters = dict(start or {"step": 0, "nonfinite_total": 0, "nonfinite_in_a_row": 0})
     first = counters["step"]
-    if first >= outer_steps:
+    if 0 < outer_steps <= first:
         log.info("checkpoint is already at outer step %d of %d", first, outer_steps)
     bar = tqdm(
         range(first, outer_steps),
@@ -162,9 +162,10 @@ def _run(
     first = counters["step"]
     if first == 0:
         _log_meta(job, logger, 0, force_figure=True)
-        initial = job.evaluate(final=False)
-        logger.scalars(initial, 0)
-        counters["initial"] = initial
+        if outer_steps > 0:  # with no step, the final evaluation is the same run: done once
+            initial = job.evaluate(final=False)
+            logger.scalars(initial, 0)
+            counters["initial"] = initial
     for index in bar:
         step = index + 1
         outcome = job.step(index)
@@ -218,6 +219,8 @@ def _run(
             raise Interrupted(step, signum)
     bar.close()
     final = job.evaluate(final=True)
+    if "initial" not in counters and first == 0:
+        counters["initial"] = {k: v for k, v in final.items() if not k.startswith("test/")}
     logger.scalars({f"final/{k.replace('/', '_')}": v for k, v in final.items()}, outer_steps)
     logger.flush()
     return LoopResult(

@@ -22,12 +22,22 @@ LOOPS = ("hpo", "truncated", "fewshot", "online")
 
 @dataclass
 class LearnEntry:
-    """One hyperparameter learned by `loop=hpo` (an entry of the `learn` group)."""
+    """One hyperparameter of `loop=hpo` (an entry of the `learn` group): learned, or fixed.
 
-    init: float | None = None  # None: the inner optimizer's configured value
+    `init` is one number broadcast over the entry, or a list with one value per layer
+    (`per_layer`: parameter tensors in the model's order), per inner step (`per_step`), per
+    element (`per_element`: each parameter flattened, in the model's order), or per step and
+    then layer/element when both apply, flattened. A `fixed` entry is not learned: its values
+    stay as given, which lets a black-box search (`-m hydra/sweeper=optuna`) set per-layer,
+    per-step or per-element values through `learn.<name>.init.<i>=...` overrides. A `learn`
+    group of fixed entries only trains once and reports, like `learn=none`.
+    """
+
+    init: Any = None  # a number or a list; None: the inner optimizer's configured value
     constraint: str = "positive"  # positive | unit | none
     scope: str = "scalar"  # scalar | per_layer | per_element
     per_step: bool = False  # one value per inner step (a schedule over the horizon)
+    fixed: bool = False  # True: the values stay as given (not learned)
 
 
 @dataclass
@@ -95,7 +105,12 @@ def learn_entry(name: str, entry: Any) -> LearnEntry:
     if unknown:
         raise ArgumentError(path, f"{path} has unknown keys {unknown} (allowed: {allowed})")
     init = entry.get("init")
-    if init is not None:
+    if isinstance(init, (list, tuple)):
+        if not init:
+            raise ArgumentError(f"{path}.init", f"{path}.init is an empty list")
+        for i, value in enumerate(init):
+            check_number(value, f"{path}.init.{i}")
+    elif init is not None:
         check_number(init, f"{path}.init")
     check_choice(
         entry.get("constraint", "positive"), f"{path}.constraint", ("positive", "unit", "none")
@@ -104,6 +119,7 @@ def learn_entry(name: str, entry: Any) -> LearnEntry:
         entry.get("scope", "scalar"), f"{path}.scope", ("scalar", "per_layer", "per_element")
     )
     check_choice(entry.get("per_step", False), f"{path}.per_step", (True, False))
+    check_choice(entry.get("fixed", False), f"{path}.fixed", (True, False))
     return LearnEntry(**entry)
 
 

@@ -59,6 +59,8 @@ class HPOJob(MetaJob):
         population: inner runs per outer step (independent seeds), whose meta-gradients are
             averaged: a lower-variance estimate, spread over the processes of a distributed
             run.
+        fixed: hyperparameters given per layer, step or element but not learned (`learn`
+            entries with `fixed: true`); read like `meta`, never updated.
     """
 
     def __init__(
@@ -75,14 +77,19 @@ class HPOJob(MetaJob):
         rt: Runtime,
         eval_horizon: int | None = None,
         population: int = 1,
+        fixed: MetaParameters | None = None,
     ) -> None:
         super().__init__(meta, meta, outer_optimizer)
         self.population = population
+        self.fixed = fixed if fixed is not None else MetaParameters()
         self.task = task
         self.make_model = make_model
         self.fmodel = Functional(make_model(rt.seed))
         self.make_optimizer = make_optimizer
         self.per_step = set(per_step)
+        overlap = set(self.fixed.entry_names()) & set(meta.entry_names())
+        if overlap:
+            raise ArgumentError("fixed", f"{sorted(overlap)} are both learned and fixed")
         self.method = method
         self.horizon = horizon
         self.eval_horizon = eval_horizon or horizon
@@ -101,12 +108,14 @@ class HPOJob(MetaJob):
     def optimizer(self, meta: MetaParameters, t: int) -> Optimizer:
         """The inner optimizer of inner step `t`, built from the meta-parameters' values."""
         values: dict[str, Any] = {}
-        for name in meta.entry_names():
+        sources = [(meta, n) for n in meta.entry_names()]
+        sources += [(self.fixed, n) for n in self.fixed.entry_names()]
+        for source, name in sources:
             if name in LOSS_HYPERS:
                 continue
             # A schedule in longer runs (eval_horizon > horizon) keeps its last value.
             step = min(t, self.horizon - 1) if name in self.per_step else None
-            value = meta.value(name, step=step)
+            value = source.value(name, step=step)
             if name in self.pairs:
                 field, i = self.pairs[name]
                 configured = self.make_optimizer.keywords.get(field)  # type: ignore[attr-defined]
@@ -129,8 +138,9 @@ class HPOJob(MetaJob):
     ) -> Tensor:
         """The training loss: the task's loss plus any learned L2 penalty."""
         loss = self.loss(params, meta, batch)
-        if "l2" in meta.entry_names():
-            l2 = meta.value("l2")
+        source = meta if "l2" in meta.entry_names() else self.fixed
+        if "l2" in source.entry_names():
+            l2 = source.value("l2")
             for name, p in params.items():
                 coef = l2[name] if isinstance(l2, dict) else l2
                 loss = loss + 0.5 * (coef * p * p).sum()
@@ -256,8 +266,9 @@ def build_parts(cfg: DictConfig, rt: Runtime, loop: str = "hpo") -> dict[str, An
     with at("inner_optim"):
         make_optimizer()  # validates the fixed hyperparameters now, naming the bad one
     params = {n: p.detach() for n, p in make_model(rt.seed).named_parameters()}
-    meta, per_step = _meta_parameters(cfg, make_optimizer, params)
+    meta, fixed, per_step = _meta_parameters(cfg, make_optimizer, params)
     meta.to(rt.device)
+    fixed.to(rt.device)
     outer = make("outer_optim", cfg.outer_optim)
     with at("outer_optim"):
         learned: list[Tensor] = list(meta.parameters())
@@ -273,15 +284,18 @@ def build_parts(cfg: DictConfig, rt: Runtime, loop: str = "hpo") -> dict[str, An
         rt=rt,
         eval_horizon=cfg.eval_horizon,
         population=int(cfg.population),
+        fixed=fixed,
     )
 
 
 def _meta_parameters(
     cfg: DictConfig, make_optimizer: Any, params: Params
-) -> tuple[MetaParameters, set[str]]:
-    """The `learn` entries as `MetaParameters`, and the names of the per-step ones."""
+) -> tuple[MetaParameters, MetaParameters, set[str]]:
+    """The `learn` entries as `MetaParameters`: the learned ones, the fixed ones (not learned,
+    no gradient), and the names of the per-step ones."""
     learnable = make_optimizer.func.learnable_names()
     meta = MetaParameters()
+    fixed = MetaParameters()
     per_step: set[str] = set()
     for name, raw in (plain(cfg.learn) or {}).items():
         path = f"learn.{name}"
@@ -313,18 +327,66 @@ def _meta_parameters(
                     "constraint: unit guarantees while it is learned (got "
                     f"{entry.constraint})"
                 )
+        steps = int(cfg.horizon) if entry.per_step else None
+        if isinstance(init, (list, tuple)):
+            init = _listed_init(path, init, entry.scope, steps, params)
+        else:
+            init = float(init)
+        target = fixed if entry.fixed else meta
         with at(path):
-            meta.add(
-                name,
-                float(init),
-                constraint=constraint,
-                scope=entry.scope,
-                params=params,
-                steps=int(cfg.horizon) if entry.per_step else None,
+            target.add(
+                name, init, constraint=constraint, scope=entry.scope, params=params, steps=steps
             )
         if entry.per_step:
             per_step.add(name)
-    return meta, per_step
+    for p in fixed.parameters():
+        p.requires_grad_(False)
+    return meta, fixed, per_step
+
+
+def _listed_init(
+    path: str, values: list[float], scope: str, steps: int | None, params: Params
+) -> Tensor | dict[str, Tensor]:
+    """A list `init` as `MetaParameters.add` takes it, its length checked against the scope.
+
+    The order is steps first (per-step entries), then the layer (per-layer: one value per
+    parameter tensor) or the elements (per-element: each parameter flattened), with the
+    parameters in the model's order.
+    """
+    flat = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    lead = (steps,) if steps is not None else ()
+    width = {
+        "scalar": 1,
+        "per_layer": len(params),
+        "per_element": sum(p.numel() for p in params.values()),
+    }[scope]
+    expected = (steps or 1) * width
+    if flat.numel() != expected:
+        what = {
+            "scalar": "",
+            "per_layer": f"{width} parameter tensors",
+            "per_element": f"{width} elements",
+        }[scope]
+        parts = [f"{steps} steps"] if steps is not None else []
+        parts += [what] if what else []
+        raise ConfigError(
+            f"{path}.init: a list needs one value per {' x '.join(parts) or 'entry'} "
+            f"({expected} values), got {flat.numel()}"
+            + ("" if parts else "; give a number for a scalar entry")
+        )
+    dtype = next(iter(params.values())).dtype
+    if scope == "scalar":
+        return flat.reshape(lead).to(dtype)
+    if scope == "per_layer":
+        return flat.reshape(*lead, width).to(dtype)
+    table = flat.reshape(*lead, width)
+    out: dict[str, Tensor] = {}
+    start = 0
+    for name, p in params.items():
+        n = p.numel()
+        out[name] = table[..., start : start + n].reshape(*lead, *p.shape).to(dtype)
+        start += n
+    return out
 
 
 def build(cfg: DictConfig, rt: Runtime) -> HPOJob:
