@@ -38,6 +38,8 @@ from torch import Tensor
 import metagrad
 from metagrad.hypergrad import Checkpointed, FirstOrder, Implicit, Truncated, Unrolled
 from metagrad.optim import SGD
+from metagrad.tasks import CorruptedSplits, corrupt_digits
+from metagrad.tasks.noisy import NOISES
 from metagrad.weighting import ExampleWeights, MetaWeightNet, weighted_loss
 
 __all__ = [
@@ -53,7 +55,6 @@ __all__ = [
     "run",
 ]
 
-NOISES = ("flip", "imbalance")
 BASELINES = ("plain", "clean_only", "union", "oracle")
 BILEVEL = ("weights", "mwn")
 ONLINE = ("weights_online", "mwn_online", "l2rw")
@@ -65,30 +66,9 @@ OUTER_LR = {"weights": 0.1, "mwn": 3e-3, "weights_online": 0.1, "mwn_online": 3e
 Params = dict[str, Tensor]
 
 
-@dataclass
-class Data:
-    """Digits split into a corrupted training set and clean validation and test sets.
-
-    Attributes:
-        x_train, y_train: training images ([n, 64], in [0, 1]) and their observed labels.
-        y_true: the training labels before corruption.
-        corrupted: which training labels were flipped (all False under imbalance).
-        x_val, y_val: the clean, balanced validation split (the outer objective).
-        x_test, y_test: the clean, balanced test split, for reporting only.
-    """
-
-    x_train: Tensor
-    y_train: Tensor
-    y_true: Tensor
-    corrupted: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
-
-    def class_counts(self) -> list[int]:
-        """Training examples per (observed) class."""
-        return torch.bincount(self.y_train, minlength=CLASSES).tolist()
+#: The corrupted digits splits (one implementation, shared with the training application's
+#: `task=noisy_digits`): `Data` is `metagrad.tasks.CorruptedSplits`.
+Data = CorruptedSplits
 
 
 def make_data(
@@ -100,63 +80,21 @@ def make_data(
     test_per_class: int = 50,
     seed: int = 0,
 ) -> Data:
-    """Split sklearn's digits and corrupt the training split.
+    """Split sklearn's digits and corrupt the training split: `metagrad.tasks.corrupt_digits`.
 
     Each class gives `test_per_class` test and `val_per_class` validation images, the rest
-    (about 120 per class) is the training pool.
-
-    Args:
-        noise: "flip": a fraction `rate` of the training labels, chosen at random, is replaced
-            by a different class drawn uniformly; "imbalance": class c keeps
-            `n_max * imbalance ** (-r_c / 9)` images (at least one), r_c its rank in a seeded
-            random order of the classes, so the most frequent class has `imbalance` times as
-            many as the rarest.
-        rate: the flipped fraction, in [0, 1) ("flip").
-        imbalance: the ratio of the largest to the smallest class, >= 1 ("imbalance").
-        val_per_class, test_per_class: sizes of the clean splits (>= 1).
-        seed: the split, the corruption and the class order.
+    (about 120 per class) is the training pool. "flip" replaces a fraction `rate` of the
+    training labels by another class; "imbalance" makes the classes long-tailed at ratio
+    `imbalance` (see `corrupt_digits`).
     """
-    from sklearn.datasets import load_digits
-
-    if noise not in NOISES:
-        raise ValueError(f"Invalid noise: {noise!r} (expected one of {NOISES})")
-    if not 0 <= rate < 1:
-        raise ValueError(f"Invalid rate: {rate!r} (must be in [0, 1))")
-    if not imbalance >= 1:
-        raise ValueError(f"Invalid imbalance: {imbalance!r} (must be >= 1)")
-    for name, value in (("val_per_class", val_per_class), ("test_per_class", test_per_class)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 60:
-            raise ValueError(f"Invalid {name}: {value!r} (must be an int in 1..60)")
-    images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images / 16.0, dtype=torch.float32)
-    y = torch.tensor(labels)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(x), generator=g)
-    test, val, pool = [], [], []
-    for c in range(CLASSES):
-        members = order[y[order] == c]
-        test.append(members[:test_per_class])
-        val.append(members[test_per_class : test_per_class + val_per_class])
-        pool.append(members[test_per_class + val_per_class :])
-    if noise == "imbalance":
-        n_max = min(len(p) for p in pool)
-        rank = torch.randperm(CLASSES, generator=g)
-        pool = [
-            p[: max(1, round(n_max * imbalance ** (-float(rank[c]) / (CLASSES - 1))))]
-            for c, p in enumerate(pool)
-        ]
-    train = torch.cat(pool)
-    train = train[torch.randperm(len(train), generator=g)]
-    y_true = y[train]
-    y_train = y_true.clone()
-    corrupted = torch.zeros(len(train), dtype=torch.bool)
-    if noise == "flip":
-        flipped = torch.randperm(len(train), generator=g)[: round(rate * len(train))]
-        shift = torch.randint(1, CLASSES, (len(flipped),), generator=g)
-        y_train[flipped] = (y_true[flipped] + shift) % CLASSES
-        corrupted[flipped] = True
-    test, val = torch.cat(test), torch.cat(val)
-    return Data(x[train], y_train, y_true, corrupted, x[val], y[val], x[test], y[test])
+    return corrupt_digits(
+        noise,
+        rate=rate,
+        imbalance=imbalance,
+        val_per_class=val_per_class,
+        test_per_class=test_per_class,
+        seed=seed,
+    )
 
 
 @dataclass
@@ -445,8 +383,7 @@ def _weight_metrics(weights: Tensor, data: Data) -> dict[str, float]:
         out["weights/auc_corrupted"] = _auc(-weights, data.corrupted)
     else:
         # The five rarest classes against the five most frequent ones.
-        counts = torch.bincount(data.y_train, minlength=CLASSES)
-        tail = torch.isin(data.y_train, counts.argsort()[: CLASSES // 2])
+        tail = data.tail()
         out["weights/mean_tail"] = float(weights[tail].mean())
         out["weights/mean_head"] = float(weights[~tail].mean())
     return out

@@ -121,6 +121,7 @@ def _tasks() -> dict[str, tuple[str, Any]]:
 
     return {
         "digits": ("metagrad.tasks.Digits", tasks.Digits),
+        "noisy_digits": ("metagrad.tasks.NoisyDigits", tasks.NoisyDigits),
         "sinusoid": ("metagrad.tasks.SinusoidTasks", tasks.SinusoidTasks),
         "digits_fewshot": ("metagrad.tasks.DigitsFewShot", tasks.DigitsFewShot),
         "image_folder": ("metagrad.tasks.ImageFolderFewShot", tasks.ImageFolderFewShot),

@@ -141,7 +141,7 @@ class Runtime:
                 split = task.split(name)
                 if split is None:
                     continue
-                x, y = self.to(split)
+                x, y = self.to(split[:2])  # indexed batches carry example indices too
                 prediction = predict(x)
                 key = "val/train_loss" if name == "train" else f"{name}/loss"
                 out[key] = float(self.loss(prediction, y))

@@ -14,7 +14,15 @@ from omegaconf import MISSING
 
 from .._checks import ArgumentError, check_choice, check_count, check_number
 
-__all__ = ["TrainSettings", "LearnEntry", "LOOPS", "check_settings", "learn_entry"]
+__all__ = [
+    "TrainSettings",
+    "LearnEntry",
+    "WeightingEntry",
+    "LOOPS",
+    "check_settings",
+    "learn_entry",
+    "weighting_entry",
+]
 
 #: The kinds of run `loop=` selects.
 LOOPS = ("hpo", "truncated", "fewshot", "online")
@@ -38,6 +46,26 @@ class LearnEntry:
     scope: str = "scalar"  # scalar | per_layer | per_element
     per_step: bool = False  # one value per inner step (a schedule over the horizon)
     fixed: bool = False  # True: the values stay as given (not learned)
+
+
+@dataclass
+class WeightingEntry:
+    """A learned weighting of the training examples (`learn.example_weights`, `learn.weight_net`).
+
+    The inner loss becomes `metagrad.weighting.weighted_loss` of the per-example losses.
+    """
+
+    init: float = 1.0  # example_weights: every example's initial weight
+    constraint: str = "positive"  # example_weights: positive (stored as logs) | unit | none
+    hidden: int = 100  # weight_net: hidden units of the Meta-Weight-Net
+    normalize: str = "weights"  # weights (a weighted mean) | count (the batch size) | none
+
+
+#: The keys of `WeightingEntry` each weighting takes.
+_WEIGHTING_KEYS = {
+    "example_weights": ("init", "constraint", "normalize"),
+    "weight_net": ("hidden", "normalize"),
+}
 
 
 @dataclass
@@ -121,6 +149,46 @@ def learn_entry(name: str, entry: Any) -> LearnEntry:
     check_choice(entry.get("per_step", False), f"{path}.per_step", (True, False))
     check_choice(entry.get("fixed", False), f"{path}.fixed", (True, False))
     return LearnEntry(**entry)
+
+
+def weighting_entry(name: str, entry: Any) -> WeightingEntry:
+    """A `learn.example_weights` or `learn.weight_net` entry as a checked `WeightingEntry`.
+
+    Raises:
+        ArgumentError: the entry is not a mapping, has keys its weighting does not take, or
+            values out of range.
+    """
+    path = f"learn.{name}"
+    if entry is None:
+        entry = {}
+    if not isinstance(entry, dict):
+        raise ArgumentError(
+            path, f"{path} must be a mapping like {{normalize: weights}}, got {entry!r}"
+        )
+    allowed = list(_WEIGHTING_KEYS[name])
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        raise ArgumentError(path, f"{path} has unknown keys {unknown} (allowed: {allowed})")
+    out = WeightingEntry(**entry)
+    check_choice(out.constraint, f"{path}.constraint", ("positive", "unit", "none"))
+    if out.constraint == "none":
+        check_number(out.init, f"{path}.init")
+    else:
+        check_number(out.init, f"{path}.init", 0.0, low_open=True)
+    check_count(out.hidden, f"{path}.hidden")
+    check_choice(out.normalize, f"{path}.normalize", ("weights", "count", "none"))
+    if out.constraint == "none" and out.normalize == "weights":
+        raise ArgumentError(
+            f"{path}.normalize",
+            f"{path}.normalize: free weights (constraint: none) may turn negative, so their sum "
+            "cannot normalize the loss; use normalize: count or none",
+        )
+    if out.constraint == "unit" and not out.init < 1:
+        raise ArgumentError(
+            f"{path}.init",
+            f"{path}.init: a unit-constrained weight starts below 1 (got {out.init})",
+        )
+    return out
 
 
 def check_settings(cfg: Any) -> None:

@@ -1,7 +1,8 @@
 """Tasks: the data the training loops run on, seeded and reproducible (no downloads).
 
-Supervised tasks (`loop=hpo`, `loop=online`) follow `SupervisedTask`; episodic few-shot tasks
-(`loop=fewshot`) follow `EpisodicTask` (see `metagrad.tasks.protocols`).
+Supervised tasks (`loop=hpo`, `loop=online`) follow `SupervisedTask` (`NoisyDigits`: digits
+with flipped labels or long-tailed classes, for learning to reweight examples); episodic
+few-shot tasks (`loop=fewshot`) follow `EpisodicTask` (see `metagrad.tasks.protocols`).
 
 >>> from metagrad.tasks import SinusoidTasks, DigitsFewShot, Digits
 >>> sx, sy, qx, qy = SinusoidTasks(seed=0).sample(meta_batch=25, shots=10)
@@ -11,20 +12,25 @@ Supervised tasks (`loop=hpo`, `loop=online`) follow `SupervisedTask`; episodic f
 
 from .digits import DigitsFewShot
 from .image_folder import ImageFolderFewShot
-from .protocols import Batch, EpisodicTask, SupervisedTask, TaskBatch, model_args
+from .noisy import CorruptedSplits, NoisyDigits, corrupt_digits
+from .protocols import Batch, EpisodicTask, IndexedBatch, SupervisedTask, TaskBatch, model_args
 from .sinusoid import SinusoidTasks
 from .supervised import Digits, TensorTask, load_digits
 
 __all__ = [
     "Batch",
+    "CorruptedSplits",
     "Digits",
     "DigitsFewShot",
     "EpisodicTask",
     "ImageFolderFewShot",
+    "IndexedBatch",
+    "NoisyDigits",
     "SinusoidTasks",
     "SupervisedTask",
     "TaskBatch",
     "TensorTask",
+    "corrupt_digits",
     "load_digits",
     "model_args",
 ]

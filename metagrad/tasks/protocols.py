@@ -8,7 +8,10 @@ loss, and whole splits for evaluation. An *episodic task* feeds few-shot meta-le
 Any object with these methods works (no base class is needed); `TensorTask` implements the
 supervised protocol over tensors held in memory. Both may also define `model_args()`, a dict
 of constructor arguments their data implies (`in_features`, `num_classes`, `image_size`, ...):
-the application fills a model argument left unset in the config from it.
+the application fills a model argument left unset in the config from it. A supervised task
+may define `example_groups()`, named boolean masks over its training examples (e.g. the
+corrupted and the clean ones), by which the application summarizes learned per-example
+weights.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Batch", "TaskBatch", "SupervisedTask", "EpisodicTask", "SPLITS"]
+__all__ = ["Batch", "IndexedBatch", "TaskBatch", "SupervisedTask", "EpisodicTask", "SPLITS"]
 
 #: Inputs and targets of a batch.
 Batch = tuple[Tensor, Tensor]
+
+#: Inputs, targets and the examples' positions in the training split: the training batches of
+#: an indexed task (`TensorTask(indexed=True)`), which per-example weights look up.
+IndexedBatch = tuple[Tensor, Tensor, Tensor]
 
 #: The names of the splits.
 SPLITS = ("train", "val", "test")
@@ -44,8 +51,12 @@ class TaskBatch(NamedTuple):
 class SupervisedTask(Protocol):
     """Data for `loop=hpo` and `loop=online`."""
 
-    def train_batches(self, seed: int, count: int) -> Sequence[Batch]:
-        """`count` training batches, the same for the same seed (a resumed run needs them)."""
+    def train_batches(self, seed: int, count: int) -> Sequence[Batch] | Sequence[IndexedBatch]:
+        """`count` training batches, the same for the same seed (a resumed run needs them).
+
+        A batch is `(inputs, targets)`, or `(inputs, targets, indices)` with the examples'
+        positions in the training split (then `split("train")` carries `0..n-1` too).
+        """
         ...
 
     def val_batch(self, seed: int) -> Batch:

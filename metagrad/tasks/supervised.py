@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._checks import ArgumentError, check_count
-from .protocols import Batch
+from .protocols import Batch, IndexedBatch
 
 __all__ = ["TensorTask", "Digits"]
 
@@ -41,6 +41,9 @@ class TensorTask:
         outer_batch_size: examples per outer (validation) batch; None uses the whole split.
         model_args: constructor arguments the data implies, e.g. {"in_features": 64,
             "out_features": 10}, given to models that leave them unset.
+        indexed: training batches and the training split carry a third element, the
+            positions of their examples in the training split (an int64 tensor), which
+            learned per-example weights look up (`learn.example_weights`).
 
     Example:
         >>> class MyTask(TensorTask):
@@ -58,6 +61,7 @@ class TensorTask:
         batch_size: int = 100,
         outer_batch_size: int | None = None,
         model_args: dict[str, Any] | None = None,
+        indexed: bool = False,
     ) -> None:
         self.train = _pair(train, "train")
         self.val = _pair(val, "val")
@@ -73,15 +77,19 @@ class TensorTask:
         if len(self.val[1]) == 0:
             raise ArgumentError("val", "Invalid val: the validation split is empty")
         self._model_args = dict(model_args or {})
+        self.indexed = bool(indexed)
 
-    def train_batches(self, seed: int, count: int) -> list[Batch]:
-        """`count` training batches, each drawn without replacement, from generator `seed`."""
+    def train_batches(self, seed: int, count: int) -> list[Batch] | list[IndexedBatch]:
+        """`count` training batches, each drawn without replacement, from generator `seed`.
+
+        Each is `(x, y)`, or `(x, y, indices)` for an indexed task.
+        """
         g = torch.Generator().manual_seed(seed)
         x, y = self.train
-        out = []
+        out: list[Any] = []
         for _ in range(count):
             idx = torch.randperm(len(y), generator=g)[: self.batch_size]
-            out.append((x[idx], y[idx]))
+            out.append((x[idx], y[idx], idx) if self.indexed else (x[idx], y[idx]))
         return out
 
     def val_batch(self, seed: int) -> Batch:
@@ -93,12 +101,19 @@ class TensorTask:
         idx = torch.randperm(len(y), generator=g)[: self.outer_batch_size]
         return x[idx], y[idx]
 
-    def split(self, name: str) -> Batch | None:
-        """The whole split "train", "val" or "test" (None when it is empty or absent)."""
+    def split(self, name: str) -> Batch | IndexedBatch | None:
+        """The whole split "train", "val" or "test" (None when it is empty or absent).
+
+        An indexed task's training split carries the indices `0..n-1` as a third element.
+        """
         if name not in ("train", "val", "test"):
             raise ArgumentError("split", f"Invalid split: {name!r} (train, val or test)")
         found = getattr(self, name)
-        return None if found is None or len(found[1]) == 0 else found
+        if found is None or len(found[1]) == 0:
+            return None
+        if name == "train" and self.indexed:
+            return (*found, torch.arange(len(found[1])))
+        return found
 
     def model_args(self) -> dict[str, Any]:
         """Model constructor arguments implied by the data."""
@@ -124,6 +139,7 @@ class Digits(TensorTask):
         test_size: examples in the test split (only used for the final report).
         outer_batch_size: examples per outer batch; None uses the whole validation split.
         split_seed: seed of the train/validation/test split.
+        indexed: training batches carry their examples' indices (see `TensorTask`).
     """
 
     def __init__(
@@ -133,6 +149,7 @@ class Digits(TensorTask):
         test_size: int = 400,
         outer_batch_size: int | None = None,
         split_seed: int = 0,
+        indexed: bool = False,
     ) -> None:
         x, y = load_digits()
         n = len(y)
@@ -160,6 +177,7 @@ class Digits(TensorTask):
                 "num_classes": 10,
                 "image_size": 8,
             },
+            indexed=indexed,
         )
 
 

@@ -78,6 +78,7 @@ NEEDS = {
     ("model", "resnet"): [*DIGITS_FEWSHOT, "model.widths=[4,8]"],
     ("hypergrad", "implicit"): [*TINY, "learn=l2"],
     ("learn", "none"): TINY,
+    ("learn", "example_weights"): [*TINY, "task.indexed=true"],  # batches carry indices
 }
 CASES = [
     (g, o)

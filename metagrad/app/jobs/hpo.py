@@ -8,7 +8,9 @@ the run with the chosen estimator, and updates the meta-parameters.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,17 +26,45 @@ from ...meta_params import MetaParameters
 from ...optim.base import Optimizer
 from ...problem import InnerProblem
 from ...tasks.protocols import SupervisedTask
+from ...weighting import ExampleWeights, MetaWeightNet, weighted_loss
 from ..errors import ConfigError, at
-from ..runtime import Runtime, build_model, build_task, make, mix_seed, plain
-from ..settings import learn_entry
+from ..runtime import Runtime, build_model, build_task, make, mix_seed, plain, seeded
+from ..settings import learn_entry, weighting_entry
 from .base import MetaJob
 
-__all__ = ["HPOJob", "LOSS_HYPERS", "build"]
+__all__ = ["DATA_WEIGHTINGS", "DataWeighting", "HPOJob", "LOSS_HYPERS", "build"]
 
 #: Learnable hyperparameters of the inner loss rather than of the optimizer: `l2` adds
 #: 0.5 * l2 * ||w||^2 (per layer or per element with those scopes) to the training loss. The
-#: implicit estimator sees only these.
+#: implicit estimator sees only these (and the data weightings below).
 LOSS_HYPERS = ("l2",)
+
+#: Learned weightings of the training examples (`metagrad.weighting`), also terms of the inner
+#: loss, which becomes `weighted_loss(per-example losses, weights)`: `example_weights`, one
+#: weight per training example, looked up by the indices an indexed task's batches carry
+#: (task=noisy_digits); `weight_net`, a Meta-Weight-Net that maps each example's loss to its
+#: weight. One at a time; each is a module of the meta-parameters under its own name.
+DATA_WEIGHTINGS = ("example_weights", "weight_net")
+
+
+@dataclass
+class DataWeighting:
+    """How the inner loss weights its examples: the meta-parameter module and the normalizer.
+
+    Attributes:
+        name: the module's name in the meta-parameters ("example_weights" or "weight_net").
+        normalize: `weighted_loss`'s normalizer ("weights", "count" or "none").
+    """
+
+    name: str
+    normalize: str = "weights"
+
+    def weights(self, meta: MetaParameters, batch: Any, losses: Tensor) -> Tensor:
+        """The weights of a batch's examples: looked up by index, or the net's at `losses`."""
+        module = meta.value(self.name)
+        if isinstance(module, ExampleWeights):
+            return module(batch[2])
+        return module(losses)
 
 
 class HPOJob(MetaJob):
@@ -61,6 +91,8 @@ class HPOJob(MetaJob):
             run.
         fixed: hyperparameters given per layer, step or element but not learned (`learn`
             entries with `fixed: true`); read like `meta`, never updated.
+        weighting: a learned weighting of the training examples (a module of `meta`), or None
+            for the plain mean loss.
     """
 
     def __init__(
@@ -78,8 +110,11 @@ class HPOJob(MetaJob):
         eval_horizon: int | None = None,
         population: int = 1,
         fixed: MetaParameters | None = None,
+        weighting: DataWeighting | None = None,
     ) -> None:
         super().__init__(meta, meta, outer_optimizer)
+        self.weighting = weighting
+        self._last_params: Params | None = None  # of the last inner run, for weight summaries
         self.population = population
         self.fixed = fixed if fixed is not None else MetaParameters()
         self.task = task
@@ -128,16 +163,24 @@ class HPOJob(MetaJob):
                 values[name] = value
         return self.make_optimizer(**values)
 
-    def loss(self, params: Params, meta: MetaParameters, batch: tuple[Tensor, Tensor]) -> Tensor:
-        """The task's loss of the model with `params` on `batch`."""
-        x, y = batch
-        return self.rt.loss(self.fmodel(params, x), y)
+    def loss(self, params: Params, meta: MetaParameters, batch: tuple[Tensor, ...]) -> Tensor:
+        """The task's loss of the model with `params` on `batch` (inputs, targets, ...)."""
+        return self.rt.loss(self.fmodel(params, batch[0]), batch[1])
 
-    def inner_loss(
-        self, params: Params, meta: MetaParameters, batch: tuple[Tensor, Tensor]
-    ) -> Tensor:
-        """The training loss: the task's loss plus any learned L2 penalty."""
-        loss = self.loss(params, meta, batch)
+    def example_losses(self, params: Params, batch: tuple[Tensor, ...]) -> Tensor:
+        """The loss of each example of `batch`, shape [batch size]."""
+        out = self.rt.loss(self.fmodel(params, batch[0]), batch[1], reduction="none")  # type: ignore[call-arg]
+        return out.reshape(len(out), -1).mean(1) if out.dim() > 1 else out
+
+    def inner_loss(self, params: Params, meta: MetaParameters, batch: tuple[Tensor, ...]) -> Tensor:
+        """The training loss: the task's loss (weighted per example if a weighting is learned)
+        plus any L2 penalty, learned or fixed."""
+        if self.weighting is None:
+            loss = self.loss(params, meta, batch)
+        else:
+            losses = self.example_losses(params, batch)
+            weights = self.weighting.weights(meta, batch, losses)
+            loss = weighted_loss(losses, weights, normalize=self.weighting.normalize)
         source = meta if "l2" in meta.entry_names() else self.fixed
         if "l2" in source.entry_names():
             l2 = source.value("l2")
@@ -188,6 +231,8 @@ class HPOJob(MetaJob):
                     p.grad = torch.full_like(p, float("nan"))
                 continue
             result.apply(self.meta)  # non-finite values too: the skeleton names and skips them
+            if self.weighting is not None and result.params is not None:
+                self._last_params = {n: p.detach() for n, p in result.params.items()}
             losses.append(result.outer_loss)
             metrics = dict(result.metrics)
         local = torch.stack(losses).sum() if losses else torch.zeros(())
@@ -232,7 +277,53 @@ class HPOJob(MetaJob):
     @property
     def learns_nothing(self) -> bool:
         """True when no hyperparameter is learned (`learn=none`): the run only evaluates."""
-        return not self.meta.entry_names()
+        return not any(True for _ in self.meta.parameters())
+
+    # ------------------------------------------------------------------ logging
+    def example_weights(self) -> Tensor | None:
+        """The current weight of every training example, scaled to mean 1 (None: no weighting).
+
+        A Meta-Weight-Net's weights are those at the examples' losses under the last inner
+        run's final parameters (before the first run: the initial ones).
+        """
+        train = self.task.split("train")
+        if self.weighting is None or train is None:
+            return None
+        module = self.meta.value(self.weighting.name)
+        with torch.no_grad():
+            if isinstance(module, ExampleWeights):
+                w = module.values()
+            else:
+                params = self._last_params or self.rt.to(self.init_params(self.rt.seed))
+                w = module(self.example_losses(params, self.rt.to(train)))
+        return w / w.mean().clamp_min(torch.finfo(w.dtype).tiny)
+
+    def _weight_groups(self) -> dict[str, Tensor]:
+        """The current weights of each group the task names (`example_groups()`), or of all."""
+        w = self.example_weights()
+        if w is None:
+            return {}
+        groups = getattr(self.task, "example_groups", None)
+        masks = groups() if callable(groups) else {}
+        if not masks:
+            return {"weights/all": w}
+        return {f"weights/{g}": w[mask.to(w.device)] for g, mask in masks.items()}
+
+    def meta_scalars(self) -> dict[str, float]:
+        out = super().meta_scalars()
+        for tag, w in self._weight_groups().items():
+            group = tag.removeprefix("weights/")
+            out[f"weights/mean_{group}"] = float(w.mean())
+        return out
+
+    def meta_tensors(self) -> dict[str, Tensor]:
+        return {**super().meta_tensors(), **self._weight_groups()}
+
+    def layout(self) -> dict[str, list[str]]:
+        groups = super().layout()
+        if self.weighting is not None:
+            groups["example weights (mean 1)"] = ["weights/mean_.*"]
+        return groups
 
 
 def _member_salt(k: int) -> int:
@@ -267,6 +358,7 @@ def build_parts(cfg: DictConfig, rt: Runtime, loop: str = "hpo") -> dict[str, An
         make_optimizer()  # validates the fixed hyperparameters now, naming the bad one
     params = {n: p.detach() for n, p in make_model(rt.seed).named_parameters()}
     meta, fixed, per_step = _meta_parameters(cfg, make_optimizer, params)
+    weighting = _data_weighting(cfg, task, meta, rt)
     meta.to(rt.device)
     fixed.to(rt.device)
     outer = make("outer_optim", cfg.outer_optim)
@@ -285,7 +377,59 @@ def build_parts(cfg: DictConfig, rt: Runtime, loop: str = "hpo") -> dict[str, An
         eval_horizon=cfg.eval_horizon,
         population=int(cfg.population),
         fixed=fixed,
+        weighting=weighting,
     )
+
+
+def _takes_reduction(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "reduction" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _data_weighting(
+    cfg: DictConfig, task: Any, meta: MetaParameters, rt: Runtime
+) -> DataWeighting | None:
+    """The `learn` entry that weights the training examples, added to `meta` (or None)."""
+    learn = plain(cfg.learn) or {}
+    chosen = [name for name in learn if name in DATA_WEIGHTINGS]
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        raise ConfigError(f"learn.{chosen[1]}: one data weighting at a time (got {chosen})")
+    name = chosen[0]
+    path = f"learn.{name}"
+    try:
+        entry = weighting_entry(name, learn[name])
+    except ArgumentError as e:
+        raise ConfigError(f"{e.arg}: {e}") from None
+    if not _takes_reduction(rt.loss):
+        raise ConfigError(
+            f"loss: {path} weights each example's loss, so the loss must take "
+            "reduction='none' (cross_entropy, mse, or a function with that argument)"
+        )
+    train = task.split("train")
+    if train is None:
+        raise ConfigError(f"task: {path} weights training examples, but the task has none")
+    if name == "example_weights":
+        if len(train) < 3:
+            raise ConfigError(
+                f"{path}: per-example weights look up the indices of each batch's examples, "
+                f"but the batches of {type(task).__name__} carry none; use an indexed task "
+                "(task=noisy_digits, task=digits task.indexed=true, or TensorTask(indexed=True))"
+            )
+        constraint = None if entry.constraint == "none" else entry.constraint
+        with at(path):
+            module: Any = ExampleWeights(
+                len(train[1]), entry.init, constraint=constraint, dtype=rt.dtype
+            )
+    else:
+        with at(path), seeded(mix_seed(rt.seed, 0, salt=2)):
+            module = MetaWeightNet(entry.hidden, dtype=rt.dtype)
+    meta.add_module(name, module)
+    return DataWeighting(name, entry.normalize)
 
 
 def _meta_parameters(
@@ -299,14 +443,19 @@ def _meta_parameters(
     per_step: set[str] = set()
     for name, raw in (plain(cfg.learn) or {}).items():
         path = f"learn.{name}"
+        if name in DATA_WEIGHTINGS:
+            continue
         try:
             entry = learn_entry(name, raw)
         except ArgumentError as e:
             raise ConfigError(f"{e.arg}: {e}") from None
+        if name in DATA_WEIGHTINGS:
+            continue  # a module of the inner loss (`_data_weighting`)
         if name not in learnable and name not in LOSS_HYPERS:
             raise ConfigError(
                 f"{path}: {make_optimizer.func.__name__} has no learnable hyperparameter "
-                f"'{name}' (it has {list(learnable)}; the inner loss has {list(LOSS_HYPERS)})"
+                f"'{name}' (it has {list(learnable)}; the inner loss has "
+                f"{list(LOSS_HYPERS + DATA_WEIGHTINGS)})"
             )
         init = entry.init
         if init is None:
@@ -345,7 +494,7 @@ def _meta_parameters(
 
 
 def _listed_init(
-    path: str, values: list[float], scope: str, steps: int | None, params: Params
+    path: str, values: list[Any] | tuple[Any, ...], scope: str, steps: int | None, params: Params
 ) -> Tensor | dict[str, Tensor]:
     """A list `init` as `MetaParameters.add` takes it, its length checked against the scope.
 

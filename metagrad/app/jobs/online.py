@@ -40,7 +40,8 @@ class OnlineJob:
         self.rt = rt
 
     def step(self, index: int) -> StepOutcome:
-        ((x, y),) = self.rt.batches(self.task.train_batches(mix_seed(self.rt.seed, index), 1))
+        (batch,) = self.rt.batches(self.task.train_batches(mix_seed(self.rt.seed, index), 1))
+        x, y = batch[0], batch[1]  # an indexed task's batches carry indices too
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.rt.loss(self.model(x), y)
         if not bool(torch.isfinite(loss)):
