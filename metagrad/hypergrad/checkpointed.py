@@ -35,6 +35,14 @@ def _as_inputs(run: InnerRun) -> tuple[InnerRun, list[Tensor]]:
     return InnerRun(params, state, run.last_loss), [x for x in leaves if isinstance(x, Tensor)]
 
 
+def segment_length(segment: int | None, steps: int) -> int:
+    """`segment` capped at `steps`; by default about sqrt(steps), which balances the number of
+    checkpoints against the length of the segment rerun with its graph."""
+    if segment is None:
+        return max(1, round(math.sqrt(steps)))
+    return min(segment, steps)
+
+
 @dataclass(frozen=True)
 class Checkpointed(Estimator):
     """Exact hypergradients by reverse mode that stores only segment boundaries.
@@ -66,9 +74,7 @@ class Checkpointed(Estimator):
 
     def segment_for(self, steps: int) -> int:
         """The segment length used for a horizon of `steps` inner steps."""
-        if self.segment is None:
-            return max(1, round(math.sqrt(steps)))
-        return min(self.segment, steps)
+        return segment_length(self.segment, steps)
 
     def live_steps(self, steps: int) -> int:
         segment = self.segment_for(steps)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -26,6 +25,7 @@ from .base import (
     outer_loss,
     start,
 )
+from .checkpointed import segment_length
 
 __all__ = ["MixedMode"]
 
@@ -124,9 +124,7 @@ class MixedMode(Estimator):
 
     def segment_for(self, steps: int) -> int:
         """The segment length used for a horizon of `steps` inner steps."""
-        if self.segment is None:
-            return max(1, round(math.sqrt(steps)))
-        return min(self.segment, steps)
+        return segment_length(self.segment, steps)
 
     def live_steps(self, steps: int) -> int:
         # Boundaries and saved steps (each smaller than a step's graph: counted as one) and the

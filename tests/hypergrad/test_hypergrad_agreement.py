@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+from _tanh_net import DT, SIZES, data, initial_params, mse
 
 import metagrad
 from metagrad.hypergrad import (
@@ -30,33 +31,7 @@ from metagrad.hypergrad import (
 )
 from metagrad.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 
-DT = torch.float64
 T = 7
-SIZES = (3, 5, 2)
-
-
-def data():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(16, SIZES[0], generator=g, dtype=DT)
-    Y = torch.randn(16, SIZES[-1], generator=g, dtype=DT)
-    batches = [(X + 0.1 * torch.randn(X.shape, generator=g, dtype=DT), Y) for _ in range(T)]
-    outer = (torch.randn(10, SIZES[0], generator=g, dtype=DT), torch.randn(10, 2, generator=g))
-    return batches, (outer[0], outer[1].to(DT))
-
-
-def initial_params() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {
-        "w1": torch.randn(SIZES[0], SIZES[1], generator=g, dtype=DT) * 0.6,
-        "b1": torch.randn(SIZES[1], generator=g, dtype=DT) * 0.1,
-        "w2": torch.randn(SIZES[1], SIZES[2], generator=g, dtype=DT) * 0.6,
-        "b2": torch.zeros(SIZES[2], dtype=DT),
-    }
-
-
-def mse(p, batch):
-    x, y = batch
-    return (torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"] - y).pow(2).mean()
 
 
 # name -> (learning rate, second meta-parameter and its constraint, optimizer from (lr, second),
@@ -169,7 +144,7 @@ def build(optimizer: str, scope: str):
             return mse(p, b)
         return mse(p, b) + 0.1 * m.value("weighting").weight.pow(2).sum()
 
-    batches, outer = data()
+    batches, outer = data(T)
     problem = metagrad.InnerProblem(
         init=init,
         optimizer=make_optimizer,

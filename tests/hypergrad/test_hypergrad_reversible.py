@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from _tanh_net import DT, SIZES, data, initial_params, mse
 
 import metagrad
 from metagrad.hypergrad import NonFiniteLossError, Reversible, Unrolled
@@ -27,34 +28,8 @@ from metagrad.optim import SGD, Adam
 from metagrad.optim._hyper import resolve
 from metagrad.optim.sgd import SGDState
 
-DT = torch.float64
 T = 12
-SIZES = (3, 5, 2)
 R, K = 52, 24  # Reversible's defaults
-
-
-def data(steps: int = T):
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(16, SIZES[0], generator=g, dtype=DT)
-    Y = torch.randn(16, SIZES[-1], generator=g, dtype=DT)
-    batches = [(X + 0.1 * torch.randn(X.shape, generator=g, dtype=DT), Y) for _ in range(steps)]
-    outer = (torch.randn(10, SIZES[0], generator=g, dtype=DT), torch.randn(10, 2, generator=g))
-    return batches, (outer[0], outer[1].to(DT))
-
-
-def initial_params() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return {
-        "w1": torch.randn(SIZES[0], SIZES[1], generator=g, dtype=DT) * 0.6,
-        "b1": torch.randn(SIZES[1], generator=g, dtype=DT) * 0.1,
-        "w2": torch.randn(SIZES[1], SIZES[2], generator=g, dtype=DT) * 0.6,
-        "b2": torch.zeros(SIZES[2], dtype=DT),
-    }
-
-
-def mse(p, batch):
-    x, y = batch
-    return (torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"] - y).pow(2).mean()
 
 
 def build(scope: str, steps: int = T):
@@ -356,7 +331,7 @@ def test_what_cannot_be_reversed_is_refused(make, message):
 
 def test_non_finite_inner_loss_names_the_step():
     problem, meta = build("scalar")
-    inner, batches = problem.inner_loss, data()[0]
+    inner, batches = problem.inner_loss, data(T)[0]
     problem = dataclasses.replace(
         problem,
         inner_batches=list(range(T)),
