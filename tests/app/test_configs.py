@@ -75,6 +75,7 @@ NEEDS = {
     ("task", "digits_fewshot"): DIGITS_FEWSHOT,
     ("task", "image_folder"): None,  # needs image files: tests/tasks/test_image_folder.py
     ("model", "conv4"): DIGITS_FEWSHOT,
+    ("model", "conv4_digits"): DIGITS_FEWSHOT,
     ("model", "resnet"): [*DIGITS_FEWSHOT, "model.widths=[4,8]"],
     ("hypergrad", "implicit"): [*TINY, "learn=l2"],
     ("learn", "none"): TINY,

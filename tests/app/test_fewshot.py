@@ -38,7 +38,10 @@ def test_every_learner_classifies_digits_with_intervals(tmp_path: Path, learner:
 
 
 def test_maml_digits_learns_above_chance(tmp_path: Path) -> None:
-    cfg = compose_cfg(*DIGITS, "outer_steps=60", "meta_batch=4", "eval_tasks=60", "model.hidden=16")
+    cfg = compose_cfg(
+        *DIGITS, "outer_steps=60", "meta_batch=4", "eval_tasks=60", "model.hidden=16",
+        "learner.inner_steps=1", "learner.inner_lr=0.4",
+    )  # fmt: skip
     final = train(cfg, run_dir=tmp_path).final
     # Trained for one inner step: after one step it beats 5-way chance (0.2) clearly.
     assert final["test/accuracy_1"] > final["test/accuracy_0"] + 0.1, final
