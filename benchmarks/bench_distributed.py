@@ -57,19 +57,19 @@ def build_maml() -> Build:
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 5),
     )  # fmt: skip
-    algo = mdist.broadcast(MAML(model, loss_fn="cross_entropy", inner_lr=0.4, inner_steps=5))
-    outer = torch.optim.Adam(algo.parameters(), lr=1e-3)
+    learner = mdist.broadcast(MAML(model, loss_fn="cross_entropy", inner_lr=0.4, inner_steps=5))
+    outer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     tasks = DigitsFewShot(ways=5, shots=1, query=15, split="train", seed=0, flatten=False)
 
     def meta_grad(i: int) -> float:
         mine = mdist.shard_batch(tasks.sample(META_BATCH))  # the same draws on every rank
         outer.zero_grad()
-        algo(*mine).backward()
+        learner(*mine).backward()
         start = time.perf_counter()
-        mdist.all_reduce_grads(algo, mean_of=len(mine[0]))
+        mdist.all_reduce_grads(learner, mean_of=len(mine[0]))
         return time.perf_counter() - start
 
-    return meta_grad, algo, outer
+    return meta_grad, learner, outer
 
 
 def build_hpo() -> Build:

@@ -10,13 +10,13 @@ resume (`broadcast`).
 
 >>> from metagrad import distributed as dist
 >>> with dist.init():                                     # torchrun, SLURM or one process
-...     dist.broadcast(algo)                              # the same meta-parameters everywhere
+...     dist.broadcast(learner)                              # the same meta-parameters everywhere
 ...     for step in range(steps):
 ...         batch = tasks.sample(32)                      # the same meta-batch on every rank
 ...         mine = dist.shard_batch(batch)                # this rank's contiguous share
 ...         outer.zero_grad()
-...         algo(*mine).backward()
-...         dist.all_reduce_grads(algo, mean_of=len(mine[0]))
+...         learner(*mine).backward()
+...         dist.all_reduce_grads(learner, mean_of=len(mine[0]))
 ...         outer.step()
 
 Without a launcher (no torchrun or SLURM variables) everything runs as a world of one process:

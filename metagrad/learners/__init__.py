@@ -1,9 +1,9 @@
 """Meta-learning on task batches: the MAML family, vectorized over tasks with torch.func.vmap.
 
 >>> from metagrad.learners import MAML
->>> algo = MAML(model, loss_fn="mse", inner_lr=0.01, inner_steps=5)
->>> loss = algo(support_x, support_y, query_x, query_y)  # leading task dimension
->>> loss.backward()                                       # reaches algo.parameters()
+>>> learner = MAML(model, loss_fn="mse", inner_lr=0.01, inner_steps=5)
+>>> loss = learner(support_x, support_y, query_x, query_y)  # leading task dimension
+>>> loss.backward()                                       # reaches learner.parameters()
 """
 
 from .anil import ANIL

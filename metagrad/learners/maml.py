@@ -27,8 +27,8 @@ class MAML(MetaLearner):
     The tasks of a meta-batch run in one `torch.func.vmap` call. Arguments are those of
     `MetaLearner`:
 
-    >>> algo = MAML(model, loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=5)
-    >>> loss = algo(support_x, support_y, query_x, query_y)   # [tasks, shots, ...] tensors
+    >>> learner = MAML(model, loss_fn=F.mse_loss, inner_lr=0.01, inner_steps=5)
+    >>> loss = learner(support_x, support_y, query_x, query_y)   # [tasks, shots, ...] tensors
     >>> loss.backward(); outer_opt.step()
-    >>> params = algo.adapt(x, y, steps=10); pred = algo.predict(params, x_new)
+    >>> params = learner.adapt(x, y, steps=10); pred = learner.predict(params, x_new)
     """
