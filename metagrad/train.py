@@ -1,7 +1,7 @@
 """`python -m metagrad.train`: compose a config with Hydra, check it, train, report.
 
-With no arguments it meta-learns per-layer learning rates and the momentum of SGD training an
-MLP on sklearn's digits, with exact unrolled hypergradients. `train(cfg)` does the work and can
+With no arguments it meta-learns one weight decay per weight of an MLP trained by SGD on 200 of
+sklearn's digits, with exact unrolled hypergradients. `train(cfg)` does the work and can
 be called without Hydra's command line (tests do); `main()` is the thin command-line entry.
 
     python -m metagrad.train                              # the default run
@@ -538,6 +538,7 @@ def _run(
     _report(
         result,
         learned,
+        _entry_tensors({k.removeprefix("meta/"): v for k, v in job.meta_tensors().items()}),
         run.path,
         ctx.sweep_dir,
         has_events=bool(getattr(logger, "writes_events", False)),
@@ -611,9 +612,18 @@ def _flat_hparams(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[st
     return out
 
 
+def _entry_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-element values joined by entry (`weight_decay/0.weight` -> `weight_decay`)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for key, value in tensors.items():
+        groups.setdefault(key.split("/")[0], []).append(value.detach().reshape(-1))
+    return {name: torch.cat(parts) for name, parts in groups.items()}
+
+
 def _report(
     result: LoopResult,
     learned: dict[str, float],
+    per_element: Mapping[str, torch.Tensor],
     run: Path,
     sweep: Path | None,
     has_events: bool,
@@ -626,6 +636,12 @@ def _report(
     lines.append("final metrics:  " + "  ".join(f"{k} {v:.4f}" for k, v in f.items()))
     if learned:
         lines.append("learned:        " + "  ".join(f"{k}={v:.4g}" for k, v in learned.items()))
+    for name, t in per_element.items():
+        d = _describe(t)
+        lines.append(
+            f"learned:        {name}: {d['numel']} values from {d['min']:.3g} to {d['max']:.3g} "
+            f"(mean {d['mean']:.3g})"
+        )
     lines.append(f"run folder:     {run}")
     if has_events:
         lines.append(f"dashboard:      tensorboard --logdir {run}")

@@ -241,7 +241,7 @@ def pretrained(
         "cpu_seconds": time.process_time() - started,
         "finetune_lr": lr,
         "finetune_lr_scores": {str(k): v for k, v in scores.items()},
-        "pretrain_loss": float(loss),
+        "pretrain_loss": float(loss.detach()),
     }
 
 

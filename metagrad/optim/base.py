@@ -217,15 +217,23 @@ class Optimizer(Generic[State]):
         """
         check_grads(params, grads)
         resolvable = self._resolvable()
+        # Numbers and 0-d tensors are the same for every parameter: resolve them once.
+        shared = all(
+            isinstance(v, (int, float)) or (isinstance(v, Tensor) and v.dim() == 0)
+            for _, _, v in resolvable
+        )
+        h = None
         for name, p in params.items():
-            values: dict[str, Any] = {}
-            for field, arg, value in resolvable:
-                v = resolve(value, arg, name, p)
-                if field == arg:
-                    values[field] = v
-                else:
-                    values[field] = (*values.get(field, ()), v)
-            yield name, p, grads[name], SimpleNamespace(**values)
+            if h is None or not shared:
+                values: dict[str, Any] = {}
+                for field, arg, value in resolvable:
+                    v = resolve(value, arg, name, p)
+                    if field == arg:
+                        values[field] = v
+                    else:
+                        values[field] = (*values.get(field, ()), v)
+                h = SimpleNamespace(**values)
+            yield name, p, grads[name], h
 
     def __repr__(self) -> str:
         def show(v: Any) -> str:

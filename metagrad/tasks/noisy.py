@@ -89,7 +89,8 @@ def corrupt_digits(
             frequent class has about `imbalance` times as many as the rarest.
         rate: the flipped fraction, in [0, 1) ("flip").
         imbalance: the ratio of the largest to the smallest class, >= 1 ("imbalance").
-        val_per_class, test_per_class: sizes of the clean splits (1..60).
+        val_per_class: size of the clean validation split per class (1..60).
+        test_per_class: size of the clean test split per class (1..60).
         seed: the split, the corruption and the class order.
 
     Raises:

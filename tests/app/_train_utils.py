@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 # A run small enough for a test: a tiny MLP, a short horizon, few outer steps.
+# A small HPO run. It learns the per-layer learning rates and the momentum (scalars the tests read
+# back), not the default job's per-element weight decay.
 TINY = [
+    "learn=lr_momentum_per_layer",
     "model.hidden=[16]",
     "horizon=5",
     "task.batch_size=32",

@@ -22,7 +22,10 @@ LAYERS = ["0.weight", "0.bias", "2.weight", "2.bias"]  # the MLP 64-16-10's tens
 
 
 def _job(*overrides: str):
-    return build(compose_cfg(*SMALL, *overrides))[1]
+    # An entry's own init replaces the inner optimizer's value (giving both is refused).
+    given = {o.split("=")[0].removeprefix("+learn.") for o in overrides if o.startswith("+learn.")}
+    base = [o for o in SMALL if o.split("=")[0].removeprefix("inner_optim.") not in given]
+    return build(compose_cfg(*base, *overrides))[1]
 
 
 def _list(values: list[float]) -> str:

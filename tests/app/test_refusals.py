@@ -23,7 +23,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     "overrides, message",
     [
         (RUN, "already holds a checkpoint"),
-        (["resume=true", "inner_optim.lr=0.5"], "inner_optim.lr=0.5 (the run used 0.001)"),
+        (["resume=true", "inner_optim.weight_decay=0.5"], "weight_decay=0.5 (the run used 0.0)"),
         (["resume=true", "experiment=maml_sine"], "experiment=maml_sine"),
         (["resume=true", "learn=lr"], "learn=lr (the run used learn=lr_momentum_per_layer)"),
         (["resume=true", "outer_steps=1"], "below the 2 outer steps"),

@@ -18,6 +18,7 @@ from metagrad.train import train
 
 STEPS = 30
 RUN = [
+    "learn=lr_momentum_per_layer",
     "model.hidden=[16]",
     "horizon=10",
     "task.batch_size=32",
@@ -84,8 +85,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path) -> None:
     ]
 
     # An override that contradicts the run being continued is refused.
-    with pytest.raises(RunRefused, match=r"inner_optim.lr: 0.001 -> 0.5"):
-        train(compose_cfg(*RUN, "inner_optim.lr=0.5", "resume=true"), run_dir=killed)
+    with pytest.raises(RunRefused, match=r"inner_optim.weight_decay: 0.0 -> 0.5"):
+        train(compose_cfg(*RUN, "inner_optim.weight_decay=0.5", "resume=true"), run_dir=killed)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

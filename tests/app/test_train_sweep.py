@@ -10,7 +10,7 @@ import pytest
 from _train_utils import TINY, env, metrics
 
 SMALL = [o for o in TINY if not o.startswith(("outer_steps", "val_every", "checkpoint_every"))]
-SMALL += ["outer_steps=3", "val_every=3", "checkpoint_every=3", "inner_optim.lr=0.1"]
+SMALL += ["outer_steps=3", "val_every=3", "checkpoint_every=3"]
 
 
 def _multirun(sweep_dir: Path, *overrides: str, timeout: float = 240) -> str:

@@ -458,11 +458,19 @@ def _meta_parameters(
                 f"{list(LOSS_HYPERS + DATA_WEIGHTINGS)})"
             )
         init = entry.init
+        if name in learnable:
+            field, i = learnable[name]
+            default = make_optimizer.func.defaults()[field]
+            value = make_optimizer.keywords.get(field, default)
+            if init is not None and _plain_value(value) not in (_plain_value(default), init):
+                raise ConfigError(
+                    f"{path}.init: {name} is given twice, {init} here and {value} as "
+                    f"inner_optim.{field}; set it in one place (learn.{name}.init=null starts "
+                    f"from inner_optim.{field})"
+                )
         if init is None:
             if name in LOSS_HYPERS:
                 raise ConfigError(f"{path}.init: {name} needs an initial value")
-            field, i = learnable[name]
-            value = make_optimizer.keywords.get(field, make_optimizer.func.defaults()[field])
             init = value if i is None else list(value)[i]
         if name in LOSS_HYPERS and entry.per_step:
             raise ConfigError(f"{path}.per_step: {name} is a term of the loss, not a schedule")
@@ -491,6 +499,11 @@ def _meta_parameters(
     for p in fixed.parameters():
         p.requires_grad_(False)
     return meta, fixed, per_step
+
+
+def _plain_value(value: Any) -> Any:
+    """A config value comparable with a signature default (lists and tuples alike)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _listed_init(
