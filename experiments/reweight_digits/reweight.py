@@ -71,30 +71,10 @@ Params = dict[str, Tensor]
 Data = CorruptedSplits
 
 
-def make_data(
-    noise: str = "flip",
-    *,
-    rate: float = 0.4,
-    imbalance: float = 100.0,
-    val_per_class: int = 10,
-    test_per_class: int = 50,
-    seed: int = 0,
-) -> Data:
-    """Split sklearn's digits and corrupt the training split: `metagrad.tasks.corrupt_digits`.
-
-    Each class gives `test_per_class` test and `val_per_class` validation images, the rest
-    (about 120 per class) is the training pool. "flip" replaces a fraction `rate` of the
-    training labels by another class; "imbalance" makes the classes long-tailed at ratio
-    `imbalance` (see `corrupt_digits`).
-    """
-    return corrupt_digits(
-        noise,
-        rate=rate,
-        imbalance=imbalance,
-        val_per_class=val_per_class,
-        test_per_class=test_per_class,
-        seed=seed,
-    )
+#: Split sklearn's digits and corrupt the training split ("flip": a fraction `rate` of the
+#: training labels replaced by another class; "imbalance": long-tailed classes at ratio
+#: `imbalance`): `metagrad.tasks.corrupt_digits`, the data of `task=noisy_digits`.
+make_data = corrupt_digits
 
 
 @dataclass
