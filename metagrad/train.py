@@ -523,13 +523,12 @@ def _run(
         return result
 
     learned = {k.removeprefix("meta/"): v for k, v in job.meta_scalars().items()}
+    tensors = job.meta_tensors()
     summary = {
         "final": result.final,
         "initial": result.initial,
         "learned": learned,
-        "learned_tensors": {
-            k.removeprefix("meta/"): _describe(v) for k, v in job.meta_tensors().items()
-        },
+        "learned_tensors": {k.removeprefix("meta/"): _describe(v) for k, v in tensors.items()},
         "outer_steps": result.steps,
         "skipped_steps": result.nonfinite_total,
     }
@@ -538,7 +537,7 @@ def _run(
     _report(
         result,
         learned,
-        _entry_tensors({k.removeprefix("meta/"): v for k, v in job.meta_tensors().items()}),
+        _entry_tensors(tensors),
         run.path,
         ctx.sweep_dir,
         has_events=bool(getattr(logger, "writes_events", False)),
@@ -613,10 +612,13 @@ def _flat_hparams(cfg: DictConfig, choices: Mapping[str, str | None]) -> dict[st
 
 
 def _entry_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-element values joined by entry (`weight_decay/0.weight` -> `weight_decay`)."""
+    """The per-element meta-parameters joined by entry (`meta/weight_decay/0.weight` ->
+    `weight_decay`); other tensors a job logs (example weights by group) are left out."""
     groups: dict[str, list[torch.Tensor]] = {}
     for key, value in tensors.items():
-        groups.setdefault(key.split("/")[0], []).append(value.detach().reshape(-1))
+        if key.startswith("meta/"):
+            entry = key.removeprefix("meta/").split("/")[0]
+            groups.setdefault(entry, []).append(value.detach().reshape(-1))
     return {name: torch.cat(parts) for name, parts in groups.items()}
 
 

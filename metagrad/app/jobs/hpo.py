@@ -153,10 +153,7 @@ class HPOJob(MetaJob):
             value = source.value(name, step=step)
             if name in self.pairs:
                 field, i = self.pairs[name]
-                configured = self.make_optimizer.keywords.get(field)  # type: ignore[attr-defined]
-                if configured is None:
-                    configured = self.make_optimizer.func.defaults()[field]  # type: ignore[attr-defined]
-                pair = list(values.get(field, configured))
+                pair = list(values.get(field, _configured(self.make_optimizer, field)))
                 pair[i] = value
                 values[field] = tuple(pair)
             else:
@@ -444,13 +441,11 @@ def _meta_parameters(
     for name, raw in (plain(cfg.learn) or {}).items():
         path = f"learn.{name}"
         if name in DATA_WEIGHTINGS:
-            continue
+            continue  # a module of the inner loss (`_data_weighting`)
         try:
             entry = learn_entry(name, raw)
         except ArgumentError as e:
             raise ConfigError(f"{e.arg}: {e}") from None
-        if name in DATA_WEIGHTINGS:
-            continue  # a module of the inner loss (`_data_weighting`)
         if name not in learnable and name not in LOSS_HYPERS:
             raise ConfigError(
                 f"{path}: {make_optimizer.func.__name__} has no learnable hyperparameter "
@@ -460,18 +455,19 @@ def _meta_parameters(
         init = entry.init
         if name in learnable:
             field, i = learnable[name]
+            value = _configured(make_optimizer, field, i)
             default = make_optimizer.func.defaults()[field]
-            value = make_optimizer.keywords.get(field, default)
+            default = default if i is None else list(default)[i]
             if init is not None and _plain_value(value) not in (_plain_value(default), init):
                 raise ConfigError(
                     f"{path}.init: {name} is given twice, {init} here and {value} as "
-                    f"inner_optim.{field}; set it in one place (learn.{name}.init=null starts "
-                    f"from inner_optim.{field})"
+                    f"inner_optim.{field}{'' if i is None else f'[{i}]'}; set it in one place "
+                    f"(learn.{name}.init=null starts from inner_optim.{field})"
                 )
         if init is None:
             if name in LOSS_HYPERS:
                 raise ConfigError(f"{path}.init: {name} needs an initial value")
-            init = value if i is None else list(value)[i]
+            init = value
         if name in LOSS_HYPERS and entry.per_step:
             raise ConfigError(f"{path}.per_step: {name} is a term of the loss, not a schedule")
         constraint = None if entry.constraint == "none" else entry.constraint
@@ -499,6 +495,15 @@ def _meta_parameters(
     for p in fixed.parameters():
         p.requires_grad_(False)
     return meta, fixed, per_step
+
+
+def _configured(make_optimizer: Any, field: str, index: int | None = None) -> Any:
+    """The inner optimizer's configured value of `field` (its default where the config has
+    none); `index` picks one member of a pair such as Adam's betas."""
+    value = make_optimizer.keywords.get(field)
+    if value is None:
+        value = make_optimizer.func.defaults()[field]
+    return value if index is None else list(value)[index]
 
 
 def _plain_value(value: Any) -> Any:
